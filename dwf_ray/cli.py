@@ -1,0 +1,90 @@
+"""The ``dwf`` command: the whole pipeline (``dwf run``) or one stage at a time on a run root."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="DeepWeightFlow on Ray: generate neural-network weights from a zoo of checkpoints.")
+
+_ROOT = typer.Option(None, "--root", help="run root: a folder or s3://bucket/prefix (default runs/<name>)")
+_NAME = typer.Option(None, "--name", help="run name under runs/ (default: the preset's name)")
+_PRESET = typer.Option(None, "--preset", help="preset to start a new run root from")
+_SET = typer.Option([], "--set", help="override a config value: section.key=value (repeatable)")
+_RESTART = typer.Option(None, "--restart-from", help="redo this stage and every stage after it")
+
+
+def _pipeline(preset: Optional[str], root: Optional[str], name: Optional[str], overrides: List[str],
+              restart_from: Optional[str] = None, no_canon: bool = False):
+    from dwf_ray.config import RunConfig, preset as load_preset
+    from dwf_ray.pipeline import Pipeline
+    cfg: Optional[RunConfig] = None
+    if preset:
+        cfg = load_preset(preset).with_overrides(list(overrides))
+        if no_canon:
+            cfg.canon.enabled = False
+    elif overrides or no_canon:
+        raise typer.BadParameter("--set and --no-canon need --preset (they define a new config)")
+    if root is None:
+        if not (name or preset):
+            raise typer.BadParameter("give --root, --name or --preset")
+        root = f"runs/{name or preset}"
+    try:
+        return Pipeline(root, cfg, restart_from=restart_from, log=typer.echo)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command()
+def run(preset: str = typer.Option("digits-mlp", "--preset"), root: Optional[str] = _ROOT,
+        name: Optional[str] = _NAME, set_: List[str] = _SET,
+        no_canon: bool = typer.Option(False, "--no-canon", help="skip canonicalization (ablation)"),
+        restart_from: Optional[str] = _RESTART):
+    """Run every stage: zoo, canon, pca, flow, sample, eval (each skipped when already complete)."""
+    _pipeline(preset, root, name, set_, restart_from, no_canon).run()
+
+
+def _stage_command(stage: str, doc: str):
+    def command(preset: Optional[str] = _PRESET, root: Optional[str] = _ROOT, name: Optional[str] = _NAME,
+                set_: List[str] = _SET, restart_from: Optional[str] = _RESTART):
+        pipe = _pipeline(preset, root, name, set_, restart_from)
+        getattr(pipe, stage)()
+        if stage == "eval":
+            pipe.print_summary()
+    command.__doc__ = doc
+    app.command(name=stage)(command)
+
+
+for _stage, _doc in [
+    ("zoo", "Train the zoo as Ray tasks (zoo/ + manifest.parquet)."),
+    ("canon", "Canonicalize the zoo onto the reference with Ray Data (canon/)."),
+    ("pca", "Distributed dual PCA with GramShard actors (pca/)."),
+    ("flow", "Train the flow model with Ray Train (flow/model.pt)."),
+    ("sample", "Generate models and decode them to checkpoints (samples/)."),
+    ("eval", "Evaluate zoo, generated models and baselines; write report/."),
+]:
+    _stage_command(_stage, _doc)
+
+
+@app.command("import")
+def import_(source: str = typer.Argument(..., help="folder or s3:// prefix of .safetensors/.pt checkpoints"),
+            arch: str = typer.Option(..., "--arch", help='ArchSpec JSON, e.g. {"family": "mlp", "args": {...}}'),
+            dataset: str = typer.Option("digits", "--dataset"), preset: str = typer.Option("digits-mlp", "--preset"),
+            root: Optional[str] = _ROOT, name: Optional[str] = _NAME, set_: List[str] = _SET):
+    """Import checkpoints trained elsewhere as the zoo of a run root."""
+    import json
+    overrides = list(set_) + [f"zoo.arch={arch}", f"zoo.dataset={json.dumps(dataset)}"]
+    _pipeline(preset, root, name, overrides).import_zoo(source)
+
+
+@app.command()
+def presets():
+    """List the presets."""
+    from dwf_ray.config import PRESETS
+    for key in sorted(PRESETS):
+        typer.echo(key)
+
+
+if __name__ == "__main__":
+    app()

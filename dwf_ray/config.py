@@ -1,0 +1,151 @@
+"""Pydantic configs of every stage and the named presets."""
+from __future__ import annotations
+
+import json
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ZooConfig(_Cfg):
+    arch: dict = Field(default_factory=lambda: {"family": "mlp", "args": {
+        "in_dim": 64, "hidden": [32, 32], "out_dim": 10, "activation": "relu"}})
+    dataset: str = "digits"
+    image: bool = False              # feed 1x8x8 images instead of flat vectors
+    split_seed: int = 0
+    n_models: int = 100
+    seed0: int = 0
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    cpus_per_model: float = 1.0
+
+
+class CanonConfig(_Cfg):
+    enabled: bool = True             # False: copy weights unchanged (the --no-canon ablation)
+    reference: int = 0               # model index of the reference
+    max_iter: int = 100
+    seed: int = 0
+    min_actors: int = 1
+    max_actors: int = 2
+    actor_cpus: float = 0.5
+    actor_gpus: float = 0.0
+    batch_size: int = 8
+
+
+class PCAConfig(_Cfg):
+    k: Optional[int] = None          # None: n-1, or the variance target when one is set
+    variance_target: Optional[float] = None
+    n_shards: int = 2
+    shard_cpus: float = 0.5
+    shard_gpus: float = 0.0
+    block_columns: int = 1 << 22     # columns per block an actor reads and multiplies at once
+
+
+class FlowConfig(_Cfg):
+    hidden: int = 512
+    depth: int = 3
+    time_dim: int = 64
+    dropout: float = 0.1
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    steps: int = 8000
+    batch_size: int = 64
+    warmup_steps: int = 200
+    scaling: Literal["whiten", "global", "none"] = "whiten"   # latent standardisation
+    source_std: float = 1.0
+    sigma: float = 0.001
+    ema_decay: float = 0.999
+    ot_coupling: bool = False
+    holdout_fraction: float = 0.1    # latents held out to choose the checkpoint
+    eval_every: int = 500
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 2
+    seed: int = 0
+
+
+class SampleConfig(_Cfg):
+    n: int = 100
+    solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "rk4"
+    steps: int = 100
+    temperature: float = 1.0         # source-noise scale at sampling time
+    seed: int = 1234
+
+
+class EvalConfig(_Cfg):
+    temperatures: list[float] = [0.5, 0.7, 0.85, 1.0, 1.2]
+    noise_levels: list[float] = [0.1, 0.25, 0.4, 0.6, 0.8, 1.0]   # noise norm / zoo median NN distance
+    mix_weights: list[float] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+    n_baseline: int = 100
+    bn_recal_batches: int = 20
+    compare_no_canon: bool = True    # also run canon-free PCA/flow/sample for the report
+    seed: int = 7
+
+
+class RunConfig(_Cfg):
+    preset: str = "custom"
+    zoo: ZooConfig = Field(default_factory=ZooConfig)
+    canon: CanonConfig = Field(default_factory=CanonConfig)
+    pca: PCAConfig = Field(default_factory=PCAConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def with_overrides(self, overrides: list[str]) -> "RunConfig":
+        """Apply ``section.key=value`` overrides (values parsed as JSON, else kept as strings)."""
+        data = self.model_dump()
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form section.key=value")
+            key, raw = item.split("=", 1)
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            node = data
+            *path, last = key.split(".")
+            for part in path:
+                if part not in node or not isinstance(node[part], dict):
+                    raise ValueError(f"override {item!r}: no config section {part!r}")
+                node = node[part]
+            if last not in node and path[-1:] != ["args"]:
+                raise ValueError(f"override {item!r}: unknown key {last!r}")
+            node[last] = value
+        return RunConfig.model_validate(data)
+
+
+def _digits_mlp() -> RunConfig:
+    return RunConfig(preset="digits-mlp")
+
+
+def _iris_mlp() -> RunConfig:
+    cfg = RunConfig(preset="iris-mlp")
+    cfg.zoo = ZooConfig(dataset="iris", epochs=150, batch_size=16,
+                        arch={"family": "mlp", "args": {"in_dim": 4, "hidden": [16, 16], "out_dim": 3}})
+    return cfg
+
+
+def _smoke() -> RunConfig:
+    """A few models and steps: the end-to-end test preset."""
+    cfg = RunConfig(preset="smoke")
+    cfg.zoo.n_models, cfg.zoo.epochs = 12, 15
+    cfg.flow.steps, cfg.flow.eval_every, cfg.flow.hidden, cfg.flow.warmup_steps = 60, 30, 64, 10
+    cfg.sample.n, cfg.sample.steps = 8, 20
+    cfg.eval.temperatures, cfg.eval.n_baseline = [0.5, 1.0], 12
+    cfg.eval.noise_levels, cfg.eval.mix_weights = [0.25, 1.0], [0.1, 0.5]
+    return cfg
+
+
+PRESETS = {"digits-mlp": _digits_mlp, "iris-mlp": _iris_mlp, "smoke": _smoke}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name]()

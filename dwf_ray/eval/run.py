@@ -1,0 +1,82 @@
+"""Stage 6: evaluate zoo and generated models, baselines and the temperature sweep; write the report."""
+from __future__ import annotations
+
+import numpy as np
+
+from dwf_ray.archs import ArchSpec, permutation_spec
+from dwf_ray.canon.matching import canonicalize
+from dwf_ray.config import RunConfig
+from dwf_ray.eval.diversity import (interpolation_baseline, nearest, noise_baseline, novelty, wrong_iou,
+                                    zoo_nn_median)
+from dwf_ray.eval.report import summary
+from dwf_ray.eval.scoring import score_many
+from dwf_ray.flow.sample import generate
+from dwf_ray.weights import WeightLayout
+
+
+def canonicalize_flat(arch: ArchSpec, ref: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Weight-match each flat model onto the reference (to measure distances in canonical space)."""
+    layout, spec = WeightLayout.from_arch(arch), permutation_spec(arch)
+    ref_state = layout.unflatten(ref)
+    return np.stack([layout.flatten(canonicalize(spec, ref_state, layout.unflatten(v))[0]) for v in flat])
+
+
+def baseline_at(points: list[dict], method: str, nov: float) -> float:
+    """A baseline's accuracy linearly interpolated to novelty ``nov`` (clamped at its measured ends)."""
+    pts = sorted((p["novelty"], p["acc"]) for p in points if p["method"] == method)
+    return float(np.interp(nov, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndarray, flow_uri: str,
+             pca_dir: str, reference: np.ndarray, no_canon: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Returns (metrics, accuracies per set). All flat weights are in canonical space except ``no_canon``."""
+    ec, sc = cfg.eval, cfg.sample
+    zoo_median = zoo_nn_median(zoo)
+    sets: dict[str, np.ndarray] = {"zoo": zoo, "generated": generated}
+    labels: dict[str, tuple[str, str]] = {"generated": ("generator", f"T={sc.temperature:g}")}
+    for i, temp in enumerate(t for t in ec.temperatures if not np.isclose(t, sc.temperature)):
+        key = f"gen_T{temp:g}"
+        sets[key] = generate(flow_uri, pca_dir, sc.n, temp, sc.solver, sc.steps, sc.seed + 1 + i)
+        labels[key] = ("generator", f"T={temp:g}")
+    for lvl in ec.noise_levels:
+        sets[f"noise_{lvl:g}"] = noise_baseline(zoo, lvl, zoo_median, ec.n_baseline, ec.seed)
+        labels[f"noise_{lvl:g}"] = ("noise", f"{lvl:g} x NN dist")
+    for w in ec.mix_weights:
+        sets[f"mix_{w:g}"] = interpolation_baseline(zoo, w, ec.n_baseline, ec.seed)
+        labels[f"mix_{w:g}"] = ("interpolation", f"w={w:g}")
+    if no_canon is not None:
+        sets["no_canon"] = canonicalize_flat(arch, reference, no_canon)
+        labels["no_canon"] = ("generator (no canon)", f"T={sc.temperature:g}")
+    scores = score_many(arch, cfg.zoo, ec, sets)
+
+    zoo_acc, zoo_wrong = scores["zoo"]
+    _, zoo_nn = nearest(zoo, zoo, exclude_self=True)
+    points = []
+    for key, (method, setting) in labels.items():
+        acc, wrong = scores[key]
+        nov = novelty(sets[key], zoo, zoo_median)
+        iou = wrong_iou(wrong, zoo_wrong[nov["nn_index"]])
+        points.append({"method": method, "setting": setting, "key": key, "acc": float(acc.mean() * 100),
+                       "novelty": nov["novelty_ratio"], "iou": float(iou.mean())})
+    op = next(p for p in points if p["key"] == "generated")
+    noise_acc, interp_acc = baseline_at(points, "noise", op["novelty"]), baseline_at(points, "interpolation", op["novelty"])
+    gen_acc = scores["generated"][0]
+    accuracy = {"zoo": summary(zoo_acc), "generated": summary(gen_acc)}
+    if no_canon is not None:
+        accuracy["generated_no_canon"] = summary(scores["no_canon"][0])
+    gen_nov = novelty(generated, zoo, zoo_median)
+    metrics = {
+        "preset": cfg.preset,
+        "accuracy": accuracy,
+        "diversity": {"zoo_nn_median": zoo_median, "novelty_ratio": gen_nov["novelty_ratio"],
+                      "gen_nn_dist_median": float(np.median(gen_nov["nn_dist"])),
+                      "wrong_iou_mean": op["iou"],
+                      "zoo_wrong_iou_mean": float(wrong_iou(zoo_wrong, zoo_wrong[zoo_nn]).mean()),
+                      "distinct_nearest_zoo_models": int(len(np.unique(gen_nov["nn_index"])))},
+        "tradeoff": points,
+        "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
+                            "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,
+                            "gap_to_zoo": accuracy["zoo"]["mean"] - op["acc"],
+                            "accepted": bool(op["novelty"] >= 0.25 and op["acc"] > max(noise_acc, interp_acc))},
+    }
+    return metrics, {"zoo": zoo_acc, "generated": gen_acc}

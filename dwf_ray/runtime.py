@@ -1,0 +1,60 @@
+"""Starting or joining Ray, and small helpers shared by the stages."""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+# Settings this project needs before Ray is imported (see README): no auth token, no usage stats,
+# single-node Ray bound to loopback.
+for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+import ray  # noqa: E402
+
+_FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                  "AWS_REGION", "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the running Ray, the cluster at RAY_ADDRESS, or start a local one.
+
+    S3 settings (AWS_*) are forwarded to every worker so that they reach the same store.
+    """
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+@contextmanager
+def timed(timings: dict, key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(time.perf_counter() - t0, 3)
+
+
+def wait_with_progress(refs: list, desc: str) -> list:
+    """ray.get with a tqdm bar that advances as tasks finish; results keep the order of ``refs``."""
+    from tqdm.auto import tqdm
+    index = {r: i for i, r in enumerate(refs)}
+    out = [None] * len(refs)
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, unit="model") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                out[index[r]] = ray.get(r)
+                bar.update(1)
+    return out

@@ -1,0 +1,128 @@
+"""Run roots on local disk or S3: atomic writes, ranged reads, manifests, stage markers."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _fs(uri: str):
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts if p])
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: temp file + rename locally, one PUT on S3."""
+    fs, path = _fs(uri)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+        fs.invalidate_cache(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _fs(uri)
+    return fs.cat_file(path)
+
+
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an object (a ranged GET on S3)."""
+    fs, path = _fs(uri)
+    return fs.cat_file(path, start=start, end=end)
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    if not is_local(uri):
+        fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+def remove(uri: str) -> None:
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """Files below a folder or prefix, as full URIs, sorted."""
+    fs, path = _fs(uri)
+    if not is_local(uri):
+        fs.invalidate_cache(path)
+    proto = "" if is_local(uri) else uri.split("://", 1)[0] + "://"
+    out = [proto + p for p in fs.find(path)]
+    return sorted(u for u in out if not suffixes or u.endswith(suffixes))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_table(uri: str, df: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_table(uri: str) -> pd.DataFrame:
+    return pq.read_table(io.BytesIO(read_bytes(uri))).to_pandas()
+
+
+class RunStore:
+    """One run root (``runs/<name>`` or ``s3://bucket/prefix``); every stage reads and writes under it."""
+
+    def __init__(self, root: str):
+        if is_local(root):
+            root = os.path.abspath(root.removeprefix("file://"))
+        self.root = root.rstrip("/")
+
+    def uri(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def done(self, stage: str) -> bool:
+        return exists(self.uri(stage, "_SUCCESS"))
+
+    def mark_done(self, stage: str, info: dict) -> None:
+        write_json(self.uri(stage, "_SUCCESS"), info)
+
+    def stage_info(self, stage: str) -> dict:
+        return read_json(self.uri(stage, "_SUCCESS"))
+
+    def clear(self, stage: str) -> None:
+        remove(self.uri(stage))
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.root!r})"
+
+
+def pyarrow_storage(uri: str):
+    """(path, pyarrow filesystem or None) for libraries that take pyarrow filesystems (Ray Train storage)."""
+    if is_local(uri):
+        return os.path.abspath(uri.removeprefix("file://")), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    fs, path = _fs(uri)
+    return path, PyFileSystem(FSSpecHandler(fs))

@@ -1,0 +1,218 @@
+"""WeightLayout (ordered parameters <-> one flat vector) and safetensors checkpoint I/O."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from dwf_ray import store
+from dwf_ray.archs import ArchSpec, build_model
+
+_DTYPE_BYTES = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
+_NP_DTYPE = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class WeightLayout:
+    """The ordered (name, shape, offset) list of a model's parameters. Buffers are not part of it."""
+
+    def __init__(self, entries: list[Entry]):
+        self.entries = entries
+        self.size = entries[-1].offset + entries[-1].numel if entries else 0
+        self.by_name = {e.name: e for e in entries}
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "WeightLayout":
+        entries, off = [], 0
+        for name, p in module.named_parameters():
+            entries.append(Entry(name, tuple(p.shape), off))
+            off += p.numel()
+        return cls(entries)
+
+    @classmethod
+    def from_arch(cls, arch: ArchSpec | dict | str) -> "WeightLayout":
+        return cls.from_module(build_model(arch))
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def flatten(self, state: dict) -> np.ndarray:
+        out = np.empty(self.size, dtype=np.float32)
+        for e in self.entries:
+            if e.name not in state:
+                raise KeyError(f"parameter {e.name!r} missing")
+            w = np.asarray(state[e.name], dtype=np.float32)
+            if tuple(w.shape) != e.shape:
+                raise ValueError(f"parameter {e.name!r} has shape {tuple(w.shape)}, expected {e.shape}")
+            out[e.offset:e.offset + e.numel] = w.reshape(-1)
+        return out
+
+    def unflatten(self, vec: np.ndarray) -> dict[str, np.ndarray]:
+        vec = np.asarray(vec)
+        if vec.shape != (self.size,):
+            raise ValueError(f"flat vector has shape {vec.shape}, expected ({self.size},)")
+        return {e.name: vec[e.offset:e.offset + e.numel].reshape(e.shape) for e in self.entries}
+
+    def pieces(self, start: int, stop: int):
+        """Yield (entry, first element, last element) of every parameter overlapping columns [start, stop)."""
+        for e in self.entries:
+            a, b = max(start, e.offset), min(stop, e.offset + e.numel)
+            if a < b:
+                yield e, a - e.offset, b - e.offset
+
+
+def _metadata(arch: ArchSpec, extra: dict | None) -> dict[str, str]:
+    meta = {"arch": arch.to_json()}
+    for k, v in (extra or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    return meta
+
+
+def checkpoint_bytes(tensors: dict[str, np.ndarray], arch: ArchSpec, extra: dict | None = None) -> bytes:
+    arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()}
+    return st_save(arrays, metadata=_metadata(ArchSpec.parse(arch), extra))
+
+
+def save_checkpoint(uri: str, tensors: dict[str, np.ndarray], arch: ArchSpec, extra: dict | None = None) -> str:
+    """Write a safetensors checkpoint (ArchSpec in the header metadata); returns its sha256."""
+    data = checkpoint_bytes(tensors, arch, extra)
+    store.write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parse_header(raw: bytes, uri: str) -> tuple[dict, int]:
+    if len(raw) < 8:
+        raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} bytes, no safetensors header)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > 100_000_000:
+        raise CheckpointError(f"{uri}: not a safetensors file (header length {n})")
+    return n, 8 + n
+
+
+def read_header(uri: str) -> tuple[dict, int]:
+    """(header, start of the data buffer) with ranged reads only."""
+    n, data_start = _parse_header(store.read_range(uri, 0, 8), uri)
+    raw = store.read_range(uri, 8, data_start)
+    if len(raw) != n:
+        raise CheckpointError(f"{uri}: truncated checkpoint (header cut short)")
+    try:
+        return json.loads(raw), data_start
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from exc
+
+
+def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors checkpoint, or of a PyTorch state_dict file (.pt/.pth/.bin)."""
+    try:
+        raw = store.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{uri}: checkpoint not found") from exc
+    if uri.endswith((".pt", ".pth", ".bin")):
+        return _load_torch(raw, uri), {}
+    n, data_start = _parse_header(raw, uri)
+    try:
+        header = json.loads(raw[8:data_start])
+        tensors = st_load(raw)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{uri}: unreadable safetensors checkpoint ({exc})") from exc
+    return tensors, header.get("__metadata__", {}) or {}
+
+
+def _load_torch(raw: bytes, uri: str) -> dict[str, np.ndarray]:
+    import io
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{uri}: unreadable PyTorch checkpoint ({exc})") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{uri}: expected a state_dict, found {type(obj).__name__}")
+    return {k: v.detach().float().numpy() for k, v in obj.items() if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def validate_state(state: dict[str, np.ndarray], arch: ArchSpec, uri: str) -> dict[str, np.ndarray]:
+    """Check names, shapes and finiteness against the ArchSpec; returns the state in float32."""
+    model = build_model(arch)
+    expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    expected.update({k: tuple(v.shape) for k, v in model.named_buffers()
+                     if v.is_floating_point() and k in state})  # buffers are optional: recalibrated
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{uri}: missing tensors for {arch.family}: {missing[:5]}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"{uri}: tensor {k!r} has shape {tuple(state[k].shape)}, "
+                                  f"but the ArchSpec expects {shape}")
+    out = {k: np.asarray(state[k], dtype=np.float32) for k in expected}
+    bad = [k for k, v in out.items() if not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{uri}: non-finite (NaN or Inf) values in {bad[:5]}")
+    return out
+
+
+def load_model_state(uri: str, arch: ArchSpec | None = None) -> tuple[dict[str, np.ndarray], ArchSpec]:
+    """Load and validate a checkpoint; the ArchSpec comes from its metadata unless given."""
+    tensors, meta = load_checkpoint(uri)
+    if arch is None:
+        if "arch" not in meta:
+            raise CheckpointError(f"{uri}: no ArchSpec in the checkpoint metadata; pass one explicitly")
+        arch = ArchSpec.from_json(meta["arch"])
+    return validate_state(tensors, ArchSpec.parse(arch), uri), ArchSpec.parse(arch)
+
+
+def read_flat_range(uri: str, layout: WeightLayout, start: int, stop: int,
+                    header: tuple[dict, int] | None = None) -> np.ndarray:
+    """Columns [start, stop) of a checkpoint's flat parameter vector, by ranged reads of only those bytes.
+
+    ``header`` is ``read_header(uri)`` when the caller already has it.
+    """
+    header, data_start = header or read_header(uri)
+    out = np.empty(stop - start, dtype=np.float32)
+    for e, a, b in layout.pieces(start, stop):
+        info = header.get(e.name)
+        if info is None:
+            raise CheckpointError(f"{uri}: tensor {e.name!r} missing")
+        dt = info["dtype"]
+        if dt not in _NP_DTYPE:
+            raise CheckpointError(f"{uri}: tensor {e.name!r} has unsupported dtype {dt}")
+        width = _DTYPE_BYTES[dt]
+        t0 = data_start + info["data_offsets"][0]
+        raw = store.read_range(uri, t0 + a * width, t0 + b * width)
+        if len(raw) != (b - a) * width:
+            raise CheckpointError(f"{uri}: truncated data for tensor {e.name!r}")
+        dst = e.offset + a - start
+        out[dst:dst + b - a] = np.frombuffer(raw, dtype=_NP_DTYPE[dt])
+    return out
+
+
+def state_to_torch(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+
+
+def to_module(arch: ArchSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
+    """Build the model and load parameters (buffers keep their defaults when absent)."""
+    model = build_model(arch)
+    model.load_state_dict(state_to_torch(state), strict=False)
+    return model.eval()

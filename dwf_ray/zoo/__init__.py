@@ -1,0 +1,117 @@
+"""Stage 1: train a zoo of models with different seeds as Ray tasks, or import checkpoints."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+import torch.nn.functional as F
+
+from dwf_ray import store
+from dwf_ray.archs import ArchSpec, build_model
+from dwf_ray.config import ZooConfig
+from dwf_ray.data import load_dataset
+from dwf_ray.eval.accuracy import accuracy
+from dwf_ray.runtime import wait_with_progress
+from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+
+MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "sha256",
+                    "train_acc", "val_acc", "test_acc", "status", "error"]
+
+
+def train_classifier(model: torch.nn.Module, cfg: ZooConfig, seed: int) -> torch.nn.Module:
+    """AdamW with a cosine schedule; keeps the epoch with the best validation accuracy (never looks at test)."""
+    data = load_dataset(cfg.dataset, cfg.split_seed, image=cfg.image)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    best, best_acc = copy.deepcopy(model.state_dict()), -1.0
+    for _ in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(data.train), generator=g)
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        val = accuracy(model, data.val)
+        if val > best_acc:
+            best, best_acc = copy.deepcopy(model.state_dict()), val
+    model.load_state_dict(best)
+    return model.eval()
+
+
+def _metrics(model: torch.nn.Module, cfg: ZooConfig) -> dict:
+    data = load_dataset(cfg.dataset, cfg.split_seed, image=cfg.image)
+    return {f"{k}_acc": accuracy(model, getattr(data, k)) for k in ("train", "val", "test")}
+
+
+def _row(model_id: str, uri: str, arch: ArchSpec, cfg: ZooConfig, seed: int, **kw) -> dict:
+    row = dict.fromkeys(MANIFEST_COLUMNS)
+    row.update(model_id=model_id, uri=uri, arch=arch.to_json(), dataset=cfg.dataset, seed=seed,
+               status="ok", error="")
+    row.update(kw)
+    return row
+
+
+@ray.remote
+def train_member(cfg_json: str, seed: int, model_id: str, uri: str) -> dict:
+    """Train one zoo model and write its checkpoint; a checkpoint already written is reused."""
+    torch.set_num_threads(1)
+    cfg = ZooConfig.model_validate_json(cfg_json)
+    arch = ArchSpec.parse(cfg.arch)
+    if store.exists(uri):
+        try:
+            _, meta = load_checkpoint(uri)
+            return _row(model_id, uri, arch, cfg, seed, **json.loads(meta["row"]))
+        except (CheckpointError, KeyError):
+            pass  # unreadable leftover: train again
+    torch.manual_seed(seed)
+    model = train_classifier(build_model(arch), cfg, seed)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    info = {"n_params": sum(p.numel() for p in model.parameters()), **_metrics(model, cfg)}
+    info["sha256"] = save_checkpoint(uri, state, arch, extra={"row": json.dumps(info), "seed": str(seed)})
+    return _row(model_id, uri, arch, cfg, seed, **info)
+
+
+def run_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
+    """Train ``cfg.n_models`` models as Ray tasks; returns the manifest (one row per model)."""
+    cfg_json = cfg.model_dump_json()
+    refs = []
+    for i in range(cfg.n_models):
+        seed = cfg.seed0 + i
+        model_id = f"m{i:05d}"
+        refs.append(train_member.options(num_cpus=cfg.cpus_per_model).remote(
+            cfg_json, seed, model_id, store.join(out_dir, f"{model_id}.safetensors")))
+    rows = wait_with_progress(refs, "zoo: training")
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def import_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str) -> pd.DataFrame:
+    """Import a folder or S3 prefix of safetensors / PyTorch state_dict files as a zoo.
+
+    Every file gets a manifest row; files that fail validation keep status "error" and their reason.
+    """
+    files = store.list_files(source, (".safetensors", ".pt", ".pth", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"{source}: no .safetensors, .pt, .pth or .bin checkpoints found")
+    rows = []
+    for i, src in enumerate(files):
+        model_id = f"m{i:05d}"
+        row = dict.fromkeys(MANIFEST_COLUMNS)
+        row.update(model_id=model_id, uri=store.join(out_dir, f"{model_id}.safetensors"), arch=arch.to_json(),
+                   dataset=dataset, seed=-1, status="ok", error="", source_uri=src)
+        try:
+            state, _ = load_model_state(src, arch)
+            row["n_params"] = int(sum(v.size for k, v in state.items()))
+            row["sha256"] = save_checkpoint(row["uri"], state, arch, extra={"source": src})
+        except CheckpointError as exc:
+            row.update(status="error", error=str(exc), uri=src)
+        rows.append(row)
+    return pd.DataFrame(rows)
