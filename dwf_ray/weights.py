@@ -131,8 +131,16 @@ def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if uri.endswith((".pt", ".pth", ".bin")):
         return _load_torch(raw, uri), {}
     n, data_start = _parse_header(raw, uri)
+    if len(raw) < data_start:
+        raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} bytes, header alone needs {data_start})")
     try:
         header = json.loads(raw[8:data_start])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from exc
+    size = data_start + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if len(raw) < size:
+        raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} of {size} bytes)")
+    try:
         tensors = st_load(raw)
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{uri}: unreadable safetensors checkpoint ({exc})") from exc

@@ -1,0 +1,102 @@
+"""The whole pipeline through the ``dwf`` CLI on a real local Ray, and bad input handling."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from dwf_ray.cli import app
+from dwf_ray.weights import load_model_state, save_checkpoint
+
+runner = CliRunner()
+
+
+def dwf(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("runs") / "smoke"
+    out = dwf("run", "--preset", "smoke", "--root", str(root))
+    return root, out
+
+
+def test_run_produces_every_artefact(smoke_run):
+    root, out = smoke_run
+    zoo = pd.read_parquet(root / "zoo" / "manifest.parquet")
+    assert len(zoo) == 12 and (zoo["status"] == "ok").all()
+    assert {"model_id", "uri", "arch", "dataset", "seed", "n_params", "sha256", "train_acc", "val_acc",
+            "test_acc", "status", "error"} <= set(zoo.columns)
+    assert zoo["seed"].nunique() == 12 and (zoo["val_acc"] > 0.8).all()
+    canon = pd.read_parquet(root / "canonical" / "manifest.parquet")
+    assert len(canon) == 12 and (canon["dist_after"] <= canon["dist_before"] + 1e-6).all()
+    assert (canon["dist_after"] < canon["dist_before"]).sum() >= 10   # all but the reference move closer
+    meta = json.loads((root / "pca" / "meta.json").read_text())
+    assert meta["k"] == 11 and meta["n"] == 12 and len(meta["shards"]) == 2
+    assert (root / "pca" / "latents.npy").exists() and (root / "flow" / "model.pt").exists()
+    samples = pd.read_parquet(root / "samples" / "manifest.parquet")
+    assert len(samples) == 8
+    state, arch = load_model_state(samples["uri"].iloc[0])
+    assert arch.family == "mlp" and state["net.0.weight"].shape == (32, 64)
+    metrics = json.loads((root / "report" / "metrics.json").read_text())
+    assert metrics["accuracy"]["zoo"]["n"] == 12 and metrics["accuracy"]["generated"]["n"] == 8
+    assert metrics["accuracy"]["generated"]["mean"] > 50, "generated models are no better than chance"
+    methods = {p["method"] for p in metrics["tradeoff"]}
+    assert methods == {"generator", "noise", "interpolation", "generator (no canon)"}
+    assert set(metrics["timings"]) == {"zoo", "canon", "pca", "flow", "sample"}
+    for png in ("accuracy.png", "tradeoff.png"):
+        assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (root / "report" / "report.md").read_text()
+    assert "| zoo | 12 |" in report and "| generated | 8 |" in report
+    assert "| models | n | mean acc % |" in out          # the table is printed at the end
+
+
+def test_rerun_skips_completed_stages_and_stage_commands_work(smoke_run):
+    root, _ = smoke_run
+    out = dwf("run", "--preset", "smoke", "--root", str(root))
+    for stage in ("zoo", "canon", "pca", "flow", "sample", "eval"):
+        assert f"[{stage}] complete" in out and "skipped" in out
+    before = (root / "samples" / "manifest.parquet").read_bytes()
+    out = dwf("sample", "--root", str(root), "--restart-from", "sample")
+    assert "[sample] done" in out
+    assert (root / "samples" / "manifest.parquet").read_bytes() == before   # seeded: same models
+    out = dwf("eval", "--root", str(root))
+    assert "[eval] running" in out and "| generated |" in out
+
+
+def test_changed_config_on_existing_root_is_a_clear_error(smoke_run):
+    root, _ = smoke_run
+    result = runner.invoke(app, ["run", "--preset", "smoke", "--root", str(root), "--set", "sample.n=3"])
+    assert result.exit_code != 0 and "different config" in result.output
+
+
+def test_bad_checkpoints_are_reported_and_the_run_goes_on(smoke_run, tmp_path):
+    """Truncated, wrong-shape and NaN checkpoints: each gets a manifest row with its error; the rest go on."""
+    src, _ = smoke_run
+    root = tmp_path / "bad"
+    shutil.copytree(src / "zoo", root / "zoo")
+    shutil.copy(src / "config.json", root / "config.json")
+    zoo = pd.read_parquet(root / "zoo" / "manifest.parquet")
+    zoo["uri"] = [str(root / "zoo" / f"{m}.safetensors") for m in zoo["model_id"]]
+    zoo.to_parquet(root / "zoo" / "manifest.parquet")
+    state, arch = load_model_state(zoo["uri"][3])
+    path = root / "zoo" / "m00003.safetensors"
+    path.write_bytes(path.read_bytes()[:300])
+    save_checkpoint(zoo["uri"][5], {**state, "net.2.weight": np.zeros((32, 31), np.float32)}, arch)
+    save_checkpoint(zoo["uri"][7], {**state, "net.4.bias": np.full(10, np.nan, np.float32)}, arch)
+    out = dwf("canon", "--root", str(root))
+    assert "skipped 3 of 12 models" in out
+    canon = pd.read_parquet(root / "canonical" / "manifest.parquet")
+    assert len(canon) == 12 and (canon["status"] == "ok").sum() == 9
+    errors = dict(zip(canon["model_id"], canon["error"]))
+    assert "m00003.safetensors" in errors["m00003"] and "truncated" in errors["m00003"]
+    assert "m00005.safetensors" in errors["m00005"] and "shape" in errors["m00005"]
+    assert "m00007.safetensors" in errors["m00007"] and "non-finite" in errors["m00007"]
+    dwf("pca", "--root", str(root))
+    meta = json.loads((root / "pca" / "meta.json").read_text())
+    assert meta["n"] == 9 and "m00005" not in meta["model_ids"]
