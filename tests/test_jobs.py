@@ -1,0 +1,54 @@
+"""`ray job submit` of pipeline stages against a real Ray head started by `ray start`."""
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate Ray head on loopback (`ray start --head --block`); stopping it stops only what it started."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", f"--port={_free_port()}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--block",
+                             "--disable-usage-stats"], env=env, stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.terminate()
+                raise RuntimeError(f"Ray head did not start:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
+            time.sleep(1)
+    yield address, env
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_stages_run_as_ray_jobs(ray_head, tmp_path):
+    address, env = ray_head
+    root = tmp_path / "run"
+    for stage, extra in [("zoo", ["--preset", "smoke", "--set", "zoo.n_models=4"]), ("canon", [])]:
+        out = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+                              "--working-dir", str(ROOT), "--", "python", "jobs/run.py", stage, "--root", str(root),
+                              *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
+        assert f"[{stage}] done" in out.stdout
+    canon = pd.read_parquet(root / "canonical" / "manifest.parquet")
+    assert len(canon) == 4 and (canon["status"] == "ok").all()
