@@ -48,26 +48,32 @@ class PCAConfig(_Cfg):
 
 
 class FlowConfig(_Cfg):
-    hidden: int = 512
+    hidden: int = 256
     depth: int = 3
     time_dim: int = 64
     dropout: float = 0.1
     lr: float = 5e-4
     weight_decay: float = 1e-4
-    steps: int = 8000
-    batch_size: int = 64
+    steps: int = 16000
+    batch_size: int = 64             # global batch, split across the DDP workers
     warmup_steps: int = 200
     scaling: Literal["whiten", "global", "none"] = "whiten"   # latent standardisation
-    source_std: float = 1.0
+    source_std: float = 0.3          # 1.0 collapses onto the zoo mean; 0.1 gives near-copies (README)
     sigma: float = 0.001
     ema_decay: float = 0.999
     ot_coupling: bool = False
     holdout_fraction: float = 0.1    # latents held out to choose the checkpoint
-    eval_every: int = 500
-    num_workers: int = 2
-    use_gpu: bool = False
+    eval_every: int = 1000
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None   # None: use GPUs when the Ray cluster has them
     max_failures: int = 2
     seed: int = 0
+
+    def resolved_use_gpu(self) -> bool:
+        if self.use_gpu is not None:
+            return self.use_gpu
+        from dwf_ray.runtime import cluster_gpus
+        return cluster_gpus() >= 1
 
 
 class SampleConfig(_Cfg):
@@ -79,7 +85,7 @@ class SampleConfig(_Cfg):
 
 
 class EvalConfig(_Cfg):
-    temperatures: list[float] = [0.5, 0.7, 0.85, 1.0, 1.2]
+    temperatures: list[float] = [0.7, 1.0, 1.2, 1.5, 1.8]
     noise_levels: list[float] = [0.1, 0.25, 0.4, 0.6, 0.8, 1.0]   # noise norm / zoo median NN distance
     mix_weights: list[float] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
     n_baseline: int = 100
@@ -136,6 +142,7 @@ def _smoke() -> RunConfig:
     cfg = RunConfig(preset="smoke")
     cfg.zoo.n_models, cfg.zoo.epochs = 12, 15
     cfg.flow.steps, cfg.flow.eval_every, cfg.flow.hidden, cfg.flow.warmup_steps = 60, 30, 64, 10
+    cfg.flow.num_workers = 2         # exercises DDP
     cfg.sample.n, cfg.sample.steps = 8, 20
     cfg.eval.temperatures, cfg.eval.n_baseline = [0.5, 1.0], 12
     cfg.eval.noise_levels, cfg.eval.mix_weights = [0.25, 1.0], [0.1, 0.5]

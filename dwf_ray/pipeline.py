@@ -132,7 +132,7 @@ class Pipeline:
         def work():
             from dwf_ray.flow.sample import generate, write_samples
             sc = self.cfg.sample
-            gpus = 1 if self.cfg.flow.use_gpu else 0
+            gpus = 1 if self.cfg.flow.resolved_use_gpu() else 0
             flat = ray.get(ray.remote(generate).options(num_gpus=gpus).remote(
                 self.store.uri("flow", "model.pt"), self.store.uri("pca"), sc.n, sc.temperature, sc.solver,
                 sc.steps, sc.seed))

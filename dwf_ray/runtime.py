@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
-from contextlib import contextmanager
 
 # Settings this project needs before Ray is imported (see README): no auth token, no usage stats,
 # single-node Ray bound to loopback.
@@ -29,20 +27,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+        # "local": always a fresh local Ray, never a stale `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
 
 
 def cluster_gpus() -> int:
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
-@contextmanager
-def timed(timings: dict, key: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = round(time.perf_counter() - t0, 3)
+    """GPUs in the Ray cluster this process is connected to (0 when Ray is not running)."""
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
 
 
 def wait_with_progress(refs: list, desc: str) -> list:

@@ -1,7 +1,9 @@
 """`ray job submit` of pipeline stages against a real Ray head started by `ray start`."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +23,13 @@ def ray_head(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
-    proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", f"--port={_free_port()}", "--num-cpus=2",
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")   # its own session files (short socket paths)
+    # every port its own, so that it never collides with the test session's Ray on this machine
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", *ports, "--num-cpus=2",
+                             f"--temp-dir={temp_dir}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--block",
                              "--disable-usage-stats"], env=env, stdout=open(tmp_path / "head.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -39,15 +47,26 @@ def ray_head(tmp_path):
     yield address, env
     proc.terminate()
     proc.wait(timeout=60)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(address: str, env: dict, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting."""
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+                              "--working-dir", str(ROOT), "--", *entrypoint], env=env, capture_output=True, text=True,
+                             timeout=300)
+        if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
+            return out
+        time.sleep(3)
 
 
 def test_stages_run_as_ray_jobs(ray_head, tmp_path):
     address, env = ray_head
     root = tmp_path / "run"
     for stage, extra in [("zoo", ["--preset", "smoke", "--set", "zoo.n_models=4"]), ("canon", [])]:
-        out = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
-                              "--working-dir", str(ROOT), "--", "python", "jobs/run.py", stage, "--root", str(root),
-                              *extra], env=env, capture_output=True, text=True, timeout=300)
+        out = submit(address, env, ["python", "jobs/run.py", stage, "--root", str(root), *extra])
         assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
         assert f"[{stage}] done" in out.stdout
     canon = pd.read_parquet(root / "canonical" / "manifest.parquet")

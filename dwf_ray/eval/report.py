@@ -105,6 +105,9 @@ BatchNorm (when present) recalibrated on the training split.
 - generated: novelty ratio {metrics['diversity']['novelty_ratio']:.3f}, mean wrong-prediction IoU
   with the most similar zoo model {metrics['diversity']['wrong_iou_mean']:.3f}
   (zoo models against their nearest other zoo model: {metrics['diversity']['zoo_wrong_iou_mean']:.3f})
+- spread of the generated set: median nearest-neighbour distance among generated models over the zoo's
+  {metrics['diversity']['generated_self_nn_ratio']:.3f}; {metrics['diversity']['distinct_nearest_zoo_models']}
+  distinct zoo models are nearest to some generated model
 
 ## Accuracy-novelty trade-off
 

@@ -72,7 +72,9 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
                       "gen_nn_dist_median": float(np.median(gen_nov["nn_dist"])),
                       "wrong_iou_mean": op["iou"],
                       "zoo_wrong_iou_mean": float(wrong_iou(zoo_wrong, zoo_wrong[zoo_nn]).mean()),
-                      "distinct_nearest_zoo_models": int(len(np.unique(gen_nov["nn_index"])))},
+                      "distinct_nearest_zoo_models": int(len(np.unique(gen_nov["nn_index"]))),
+                      # spread of the generated set itself, in the same unit (1.0 = as spread as the zoo)
+                      "generated_self_nn_ratio": zoo_nn_median(generated) / zoo_median},
         "tradeoff": points,
         "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
                             "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,

@@ -76,9 +76,10 @@ def heldout_loss(net: torch.nn.Module, z: torch.Tensor, cfg: FlowConfig, repeats
     """Flow-matching loss on held-out latents with a fixed draw of noise, so checkpoints compare fairly."""
     net.eval()
     g = torch.Generator().manual_seed(seed)
-    x1 = z.repeat(repeats, 1)
+    x1 = z.cpu().repeat(repeats, 1)
     xt, t, v = flow_batch(x1, cfg.model_copy(update={"ot_coupling": False}), g)
-    loss = float(F.mse_loss(net(xt, t), v))
+    dev = next(net.parameters()).device
+    loss = float(F.mse_loss(net(xt.to(dev), t.to(dev)), v.to(dev)))
     net.train()
     return loss
 
@@ -92,8 +93,57 @@ def lr_lambda(cfg: FlowConfig):
     return f
 
 
+class FlowTrainer:
+    """One flow-matching optimiser: velocity net, its EMA copy, AdamW with warmup + cosine.
+
+    Shared by the Ray Train worker loop and by single-process sweeps (bench/flow_sweep.py).
+    ``wrap`` prepares the net for distributed training (``ray.train.torch.prepare_model``: DDP).
+    """
+
+    def __init__(self, cfg: FlowConfig, dim: int, wrap=None):
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.net = build_velocity_net(cfg, dim)
+        self.ema = copy.deepcopy(self.net)
+        self.model = wrap(self.net) if wrap else self.net
+        self.device = next(self.model.parameters()).device
+        self.ema.to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+
+    def step(self, x1: torch.Tensor, g: torch.Generator) -> float:
+        xt, t, v = flow_batch(x1, self.cfg, g)
+        loss = F.mse_loss(self.model(xt.to(self.device), t.to(self.device)), v.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.net.parameters()):
+                pe.lerp_(pm, 1 - self.cfg.ema_decay)
+        return loss.item()
+
+    def heldout(self, z_hold: torch.Tensor) -> float:
+        return heldout_loss(self.ema, z_hold.to(self.device), self.cfg)
+
+    def state_dict(self) -> dict:
+        return {"model": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.net.load_state_dict(st["model"])
+        self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+
+
+def noise_generator(seed: int, rank: int = 0, start_step: int = 0) -> torch.Generator:
+    """Each worker draws its own noise; a resumed run continues with a fresh, reproducible stream."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + start_step) % 2**63)
+
+
 def train_loop(config: dict) -> None:
-    """Ray Train worker loop (DDP): AdamW, warmup + cosine, EMA, held-out loss, checkpoints, resume."""
+    """Ray Train worker loop (DDP): fresh noise every step, EMA, held-out loss, checkpoints, resume."""
     import ray.train
     import ray.train.torch
 
@@ -102,53 +152,34 @@ def train_loop(config: dict) -> None:
     z_train = torch.tensor(np.array(config["z_train"]), dtype=torch.float32)
     z_hold = torch.tensor(np.array(config["z_hold"]), dtype=torch.float32)
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.manual_seed(cfg.seed)
-    net = build_velocity_net(cfg, z_train.shape[1])
-    ema = copy.deepcopy(net)
-    model = ray.train.torch.prepare_model(net)  # DDP: parameters broadcast from rank 0
-    device = next(model.parameters()).device
-    ema.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    trainer = FlowTrainer(cfg, z_train.shape[1], wrap=ray.train.torch.prepare_model)
+    local_batch = max(1, cfg.batch_size // world)
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            st = torch.load(os.path.join(d, "flow.pt"), map_location=device, weights_only=False)
-        net.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
+            st = torch.load(os.path.join(d, "flow.pt"), map_location=trainer.device, weights_only=False)
+        trainer.load_state_dict(st)
         start, history = st["step"], st["history"]
-        g.set_state(st["rng"][rank] if rank < len(st["rng"]) else g.get_state())
+    g = noise_generator(cfg.seed, rank, start)
     running = 0.0
     for step in range(start, cfg.steps):
-        idx = torch.randint(len(z_train), (cfg.batch_size,), generator=g)
-        xt, t, v = flow_batch(z_train[idx], cfg, g)
-        loss = F.mse_loss(model(xt.to(device), t.to(device)), v.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema_decay)
-        running += loss.item()
+        idx = torch.randint(len(z_train), (local_batch,), generator=g)
+        running += trainer.step(z_train[idx], g)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            n_since = (step % cfg.eval_every) + 1
-            metrics = {"step": step + 1, "train_loss": running / n_since,
-                       "heldout_loss": heldout_loss(ema.cpu(), z_hold, cfg)}
-            ema.to(device)
+            n_since = step + 1 - (history[-1]["step"] if history else start)
+            metrics = {"step": step + 1, "train_loss": running / n_since, "heldout_loss": trainer.heldout(z_hold)}
             running = 0.0
             history.append(metrics)
+            if rank == 0:
+                print(f"flow: step {step + 1}/{cfg.steps} train loss {metrics['train_loss']:.4f} "
+                      f"held-out loss {metrics['heldout_loss']:.4f}", flush=True)
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
-                    torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                "sched": sched.state_dict(), "step": step + 1, "history": history,
-                                "rng": [g.get_state()] * ctx.get_world_size()}, os.path.join(d, "flow.pt"))
+                    torch.save({**trainer.state_dict(), "step": step + 1, "history": history},
+                               os.path.join(d, "flow.pt"))
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -171,11 +202,12 @@ def run_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "flow
     u = scaler.transform(z).astype(np.float32)
     u_train, u_hold = split_holdout(u, cfg.holdout_fraction, cfg.seed)
     storage_path, storage_fs = store.pyarrow_storage(store.join(out_dir, "ray_train"))
+    use_gpu = cfg.resolved_use_gpu()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"flow": cfg.model_dump(), "z_train": u_train, "z_hold": u_hold},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=None if cfg.use_gpu else {"CPU": 1}),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="heldout_loss",
