@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dwf_ray.config import EvalConfig
-from dwf_ray.eval.diversity import interpolation_baseline, noise_baseline, novelty, zoo_nn_median
+from dwf_ray.eval.diversity import candidates, interpolation_baseline, matched_nearest, noise_baseline, zoo_nn_median
 from dwf_ray.eval.run import baseline_at
 from dwf_ray.eval.scoring import score_flat
 from dwf_ray.flow.sample import sample_latents
@@ -45,9 +45,15 @@ def main() -> None:
     ec = EvalConfig(bn_recal_batches=pipe.cfg.eval.bn_recal_batches)
     median = zoo_nn_median(zoo)
 
+    _, _, zoo_logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), zoo, val_logits=256)
+    zoo_dist, _ = matched_nearest(arch_json, zoo, zoo, candidates(zoo, zoo, zoo_logits, zoo_logits, exclude_self=True))
+    unit = float(np.median(zoo_dist))
+
     def score(flat: np.ndarray) -> tuple[float, float, float]:
-        acc, _ = score_flat(arch_json, zoo_json, ec.model_dump_json(), flat)
-        return float(acc.mean() * 100), novelty(flat, zoo, median)["novelty_ratio"], zoo_nn_median(flat) / median
+        """(mean test accuracy %, novelty ratio, spread), distances up to permutation as in the report."""
+        acc, _, logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), flat, val_logits=256)
+        dist, _ = matched_nearest(arch_json, zoo, flat, candidates(flat, zoo, logits, zoo_logits))
+        return float(acc.mean() * 100), float(np.median(dist) / unit), zoo_nn_median(flat) / unit
 
     zoo_acc = score(zoo)[0]
     points = []
@@ -61,7 +67,7 @@ def main() -> None:
     keys = [g.split("=", 1)[0] for g in args.grid]
     values = [g.split("=", 1)[1].split(",") for g in args.grid]
     temps = [float(t) for t in args.temperatures.split(",")]
-    print(f"zoo mean test accuracy {zoo_acc:.2f} %, zoo median NN distance {median:.4f}")
+    print(f"zoo mean test accuracy {zoo_acc:.2f} %, zoo median NN distance {unit:.4f} (up to permutation)")
     print("| setting | T | acc % | novelty | spread | noise % | interp % | delta pp | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for combo in itertools.product(*values) if values else [()]:
@@ -76,7 +82,7 @@ def main() -> None:
         best, best_state, t0 = np.inf, None, time.perf_counter()
         for step in range(fc.steps):
             trainer.step(u_train[torch.randint(len(u_train), (fc.batch_size,), generator=g)], g)
-            if (step + 1) % fc.eval_every == 0 or step + 1 == fc.steps:
+            if (step + 1) % fc.eval_every == 0 and step + 1 >= fc.select_after * fc.steps or step + 1 == fc.steps:
                 loss = trainer.heldout(u_hold)
                 if loss < best:
                     best, best_state = loss, {k: v.clone() for k, v in trainer.ema.state_dict().items()}

@@ -63,6 +63,7 @@ class FlowConfig(_Cfg):
     ema_decay: float = 0.999
     ot_coupling: bool = False
     holdout_fraction: float = 0.1    # latents held out to choose the checkpoint
+    select_after: float = 0.5        # only checkpoints from this fraction of training on are candidates
     eval_every: int = 1000
     num_workers: int = 1
     use_gpu: Optional[bool] = None   # None: use GPUs when the Ray cluster has them

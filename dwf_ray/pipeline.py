@@ -36,7 +36,7 @@ class Pipeline:
                 raise ValueError(f"unknown stage {restart_from!r}; stages: {', '.join(STAGES)}")
             for stage in STAGES[STAGES.index(restart_from):]:
                 self.store.clear(STAGE_DIRS[stage])
-            self.store.clear("nocanon")
+                self.store.clear(f"nocanon/{STAGE_DIRS[stage]}")
         elif saved is not None and saved != cfg:
             raise ValueError(f"{self.store.root} was made with a different config; use another --name/--root, "
                              f"or --restart-from STAGE to redo that stage and the ones after it")

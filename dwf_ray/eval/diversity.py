@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from dwf_ray.archs import ArchSpec, permutation_spec
+from dwf_ray.canon.matching import canonicalize, distance
+from dwf_ray.weights import WeightLayout
+
 
 def pairwise_sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -19,18 +23,43 @@ def nearest(a: np.ndarray, b: np.ndarray, exclude_self: bool = False) -> tuple[n
     return np.sqrt(d[np.arange(len(a)), idx]), idx
 
 
+def candidates(models: np.ndarray, zoo: np.ndarray, model_logits: np.ndarray, zoo_logits: np.ndarray,
+               per_space: int = 2, exclude_self: bool = False) -> np.ndarray:
+    """Indices of the zoo models nearest to each model in weight space and in function space.
+
+    Function space (logits on validation inputs) does not depend on how hidden units are ordered, so it
+    finds the right zoo model even for a model that is not aligned with the zoo.
+    """
+    picks = []
+    for a, b in ((models, zoo), (model_logits.reshape(len(models), -1), zoo_logits.reshape(len(zoo), -1))):
+        d = pairwise_sq_dist(a, b)
+        if exclude_self:
+            np.fill_diagonal(d, np.inf)
+        picks.append(np.argsort(d, axis=1)[:, :per_space])
+    return np.concatenate(picks, axis=1)
+
+
+def matched_nearest(arch_json: str, zoo: np.ndarray, models: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, index) of the nearest zoo model up to permutation: each model is weight-matched onto
+    each of its candidate zoo models and the smallest distance is kept (never more than the direct one)."""
+    arch = ArchSpec.from_json(arch_json)
+    layout, spec = WeightLayout.from_arch(arch), permutation_spec(arch)
+    dist, idx = np.empty(len(models)), np.empty(len(models), dtype=int)
+    for r, (vec, row) in enumerate(zip(models, cands)):
+        state = layout.unflatten(vec)
+        best = (np.inf, -1)
+        for j in dict.fromkeys(int(c) for c in row):
+            ref = layout.unflatten(zoo[j])
+            moved, _ = canonicalize(spec, ref, state)
+            best = min(best, (distance(ref, moved, layout.names), j))
+        dist[r], idx[r] = best
+    return dist, idx
+
+
 def zoo_nn_median(zoo: np.ndarray) -> float:
     """The zoo's own median nearest-neighbour distance: the unit of novelty."""
     dist, _ = nearest(zoo, zoo, exclude_self=True)
     return float(np.median(dist))
-
-
-def novelty(models: np.ndarray, zoo: np.ndarray, zoo_median: float | None = None) -> dict:
-    """Median distance to the nearest zoo model over the zoo's own median NN distance."""
-    zoo_median = zoo_nn_median(zoo) if zoo_median is None else zoo_median
-    dist, idx = nearest(models, zoo)
-    return {"novelty_ratio": float(np.median(dist) / zoo_median), "nn_dist": dist, "nn_index": idx,
-            "zoo_nn_median": zoo_median}
 
 
 def wrong_iou(wrong_a: np.ndarray, wrong_b: np.ndarray) -> np.ndarray:

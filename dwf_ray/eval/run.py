@@ -6,10 +6,10 @@ import numpy as np
 from dwf_ray.archs import ArchSpec, permutation_spec
 from dwf_ray.canon.matching import canonicalize
 from dwf_ray.config import RunConfig
-from dwf_ray.eval.diversity import (interpolation_baseline, nearest, noise_baseline, novelty, wrong_iou,
-                                    zoo_nn_median)
+from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, noise_baseline,
+                                    wrong_iou, zoo_nn_median)
 from dwf_ray.eval.report import summary
-from dwf_ray.eval.scoring import score_many
+from dwf_ray.eval.scoring import map_chunks, score_many
 from dwf_ray.flow.sample import generate
 from dwf_ray.weights import WeightLayout
 
@@ -31,7 +31,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
              pca_dir: str, reference: np.ndarray, no_canon: np.ndarray | None = None) -> tuple[dict, dict]:
     """Returns (metrics, accuracies per set). All flat weights are in canonical space except ``no_canon``."""
     ec, sc = cfg.eval, cfg.sample
-    zoo_median = zoo_nn_median(zoo)
+    zoo_median = zoo_nn_median(zoo)      # direct distance: sets the noise baseline's scale
     sets: dict[str, np.ndarray] = {"zoo": zoo, "generated": generated}
     labels: dict[str, tuple[str, str]] = {"generated": ("generator", f"T={sc.temperature:g}")}
     for i, temp in enumerate(t for t in ec.temperatures if not np.isclose(t, sc.temperature)):
@@ -48,33 +48,34 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
         sets["no_canon"] = canonicalize_flat(arch, reference, no_canon)
         labels["no_canon"] = ("generator (no canon)", f"T={sc.temperature:g}")
     scores = score_many(arch, cfg.zoo, ec, sets)
+    zoo_acc, zoo_wrong, zoo_logits = scores["zoo"]
+    nn = map_chunks(matched_nearest, {
+        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, exclude_self=key == "zoo")))
+        for key, flat in sets.items()}, "eval: nearest zoo models")
+    unit = float(np.median(nn["zoo"][0]))   # the zoo's own median NN distance (up to permutation)
 
-    zoo_acc, zoo_wrong = scores["zoo"]
-    _, zoo_nn = nearest(zoo, zoo, exclude_self=True)
     points = []
     for key, (method, setting) in labels.items():
-        acc, wrong = scores[key]
-        nov = novelty(sets[key], zoo, zoo_median)
-        iou = wrong_iou(wrong, zoo_wrong[nov["nn_index"]])
+        acc, wrong, _ = scores[key]
+        dist, idx = nn[key]
         points.append({"method": method, "setting": setting, "key": key, "acc": float(acc.mean() * 100),
-                       "novelty": nov["novelty_ratio"], "iou": float(iou.mean())})
+                       "novelty": float(np.median(dist) / unit), "iou": float(wrong_iou(wrong, zoo_wrong[idx]).mean())})
     op = next(p for p in points if p["key"] == "generated")
     noise_acc, interp_acc = baseline_at(points, "noise", op["novelty"]), baseline_at(points, "interpolation", op["novelty"])
     gen_acc = scores["generated"][0]
     accuracy = {"zoo": summary(zoo_acc), "generated": summary(gen_acc)}
     if no_canon is not None:
         accuracy["generated_no_canon"] = summary(scores["no_canon"][0])
-    gen_nov = novelty(generated, zoo, zoo_median)
     metrics = {
         "preset": cfg.preset,
         "accuracy": accuracy,
-        "diversity": {"zoo_nn_median": zoo_median, "novelty_ratio": gen_nov["novelty_ratio"],
-                      "gen_nn_dist_median": float(np.median(gen_nov["nn_dist"])),
+        "diversity": {"zoo_nn_median": unit, "zoo_nn_median_direct": zoo_median, "novelty_ratio": op["novelty"],
+                      "gen_nn_dist_median": float(np.median(nn["generated"][0])),
                       "wrong_iou_mean": op["iou"],
-                      "zoo_wrong_iou_mean": float(wrong_iou(zoo_wrong, zoo_wrong[zoo_nn]).mean()),
-                      "distinct_nearest_zoo_models": int(len(np.unique(gen_nov["nn_index"]))),
+                      "zoo_wrong_iou_mean": float(wrong_iou(zoo_wrong, zoo_wrong[nn["zoo"][1]]).mean()),
+                      "distinct_nearest_zoo_models": int(len(np.unique(nn["generated"][1]))),
                       # spread of the generated set itself, in the same unit (1.0 = as spread as the zoo)
-                      "generated_self_nn_ratio": zoo_nn_median(generated) / zoo_median},
+                      "generated_self_nn_ratio": zoo_nn_median(generated) / unit},
         "tradeoff": points,
         "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
                             "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,

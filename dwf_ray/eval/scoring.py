@@ -12,36 +12,54 @@ from dwf_ray.eval.accuracy import predict, recalibrate_batchnorm
 from dwf_ray.weights import WeightLayout, to_module
 
 
-def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(test accuracy per model, wrong-prediction mask per model); BatchNorm recalibrated on train data."""
+def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, val_logits: int = 0):
+    """(test accuracy per model, wrong-prediction mask per model); BatchNorm recalibrated on train data.
+
+    With ``val_logits=m`` also the logits on the first m validation examples (a permutation-invariant
+    fingerprint of each model's function).
+    """
     torch.set_num_threads(1)
     arch = ArchSpec.from_json(arch_json)
     zc, ec = ZooConfig.model_validate_json(zoo_json), EvalConfig.model_validate_json(eval_json)
     data = load_dataset(zc.dataset, zc.split_seed, image=zc.image)
     layout = WeightLayout.from_arch(arch)
-    accs, wrong = [], []
+    accs, wrong, logits = [], [], []
     for vec in flat:
         model = to_module(arch, layout.unflatten(vec))
         recalibrate_batchnorm(model, data.train, ec.bn_recal_batches, seed=ec.seed)
         miss = (predict(model, data.test) != data.test.y).numpy()
         accs.append(1.0 - miss.mean())
         wrong.append(miss)
+        if val_logits:
+            with torch.no_grad():
+                logits.append(model(data.val.x[:val_logits]).numpy())
+    if val_logits:
+        return np.asarray(accs), np.asarray(wrong), np.asarray(logits)
     return np.asarray(accs), np.asarray(wrong)
 
 
-_score_remote = ray.remote(score_flat)
+def map_chunks(fn, sets: dict[str, tuple[tuple, tuple]], desc: str, chunk: int = 64, **kwargs) -> dict[str, tuple]:
+    """Ray tasks ``fn(*shared, *rows, **kwargs)`` over chunks of several named sets; outputs concatenated per set.
+
+    ``sets[name] = (shared arguments, arrays with one row per model)``; only the latter are chunked.
+    """
+    from dwf_ray.runtime import wait_with_progress
+    remote = ray.remote(fn)
+    jobs, refs = [], []
+    for name, (shared, rows) in sets.items():
+        for i in range(0, len(rows[0]), chunk):
+            jobs.append(name)
+            refs.append(remote.remote(*shared, *(r[i:i + chunk] for r in rows), **kwargs))
+    results = wait_with_progress(refs, desc)
+    out: dict[str, list] = {name: [] for name in sets}
+    for name, res in zip(jobs, results):
+        out[name].append(res)
+    return {name: tuple(np.concatenate(col) for col in zip(*parts)) for name, parts in out.items()}
 
 
 def score_many(arch: ArchSpec, zoo_cfg: ZooConfig, eval_cfg: EvalConfig, sets: dict[str, np.ndarray],
-               chunk: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Score several named sets of models in parallel Ray tasks (chunks of ``chunk`` models)."""
-    from dwf_ray.runtime import wait_with_progress
+               val_logits: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(accuracy, wrong masks, validation logits) of several named sets of models, in parallel Ray tasks."""
     args = (arch.to_json(), zoo_cfg.model_dump_json(), eval_cfg.model_dump_json())
-    jobs = [(name, i) for name, flat in sets.items() for i in range(0, len(flat), chunk)]
-    refs = [_score_remote.remote(*args, sets[name][i:i + chunk]) for name, i in jobs]
-    results = wait_with_progress(refs, "eval: scoring models")
-    out: dict[str, list] = {name: [] for name in sets}
-    for (name, _), res in zip(jobs, results):
-        out[name].append(res)
-    return {name: (np.concatenate([a for a, _ in parts]), np.concatenate([w for _, w in parts]))
-            for name, parts in out.items()}
+    return map_chunks(score_flat, {name: (args, (flat,)) for name, flat in sets.items()}, "eval: scoring models",
+                      val_logits=val_logits)

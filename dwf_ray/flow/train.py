@@ -170,6 +170,10 @@ def train_loop(config: dict) -> None:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             n_since = step + 1 - (history[-1]["step"] if history else start)
             metrics = {"step": step + 1, "train_loss": running / n_since, "heldout_loss": trainer.heldout(z_hold)}
+            # early checkpoints of a flow that memorises its few latents can score a lower held-out loss
+            # by chance while being undertrained: they are kept for resuming but never selected
+            candidate = step + 1 >= cfg.select_after * cfg.steps or step + 1 == cfg.steps
+            metrics["selection_loss"] = metrics["heldout_loss"] if candidate else float("inf")
             running = 0.0
             history.append(metrics)
             if rank == 0:
@@ -210,12 +214,12 @@ def run_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "flow
                                                resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="heldout_loss",
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="selection_loss",
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()
-    best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["heldout_loss"])
+    best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["selection_loss"])
     with best_ckpt.as_directory() as d:
         st = torch.load(os.path.join(d, "flow.pt"), map_location="cpu", weights_only=False)
     info = {"best_step": int(best_metrics["step"]), "best_heldout_loss": float(best_metrics["heldout_loss"]),

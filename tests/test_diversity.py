@@ -1,0 +1,70 @@
+import numpy as np
+import torch
+
+from dwf_ray.archs import ArchSpec, build_model, permutation_spec
+from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
+from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, nearest, noise_baseline,
+                                    wrong_iou, zoo_nn_median)
+from dwf_ray.weights import WeightLayout
+
+ARCH = ArchSpec("mlp", {"in_dim": 6, "hidden": [12, 8], "out_dim": 3})
+
+
+def zoo_of(n: int) -> np.ndarray:
+    layout = WeightLayout.from_arch(ARCH)
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        out.append(layout.flatten({k: v.detach().numpy() for k, v in build_model(ARCH).named_parameters()}))
+    return np.stack(out)
+
+
+def logits(flat: np.ndarray, x: torch.Tensor) -> np.ndarray:
+    layout = WeightLayout.from_arch(ARCH)
+    outs = []
+    for vec in flat:
+        model = build_model(ARCH)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in layout.unflatten(vec).items()})
+        with torch.no_grad():
+            outs.append(model(x).numpy())
+    return np.stack(outs)
+
+
+def test_a_permuted_zoo_model_is_found_at_distance_zero():
+    """Distances are taken up to permutation: an unaligned copy of a zoo model is no novelty at all."""
+    zoo = zoo_of(6)
+    layout, spec = WeightLayout.from_arch(ARCH), permutation_spec(ARCH)
+    state = layout.unflatten(zoo[4])
+    copy = layout.flatten(apply_permutation(spec, random_permutation(spec, state, 1), state))[None]
+    direct, _ = nearest(copy, zoo)
+    assert direct[0] > 1.0
+    x = torch.randn(32, 6)
+    cands = candidates(copy, zoo, logits(copy, x), logits(zoo, x))
+    assert 4 in cands[0]                       # function space finds it although weights are unaligned
+    dist, idx = matched_nearest(ARCH.to_json(), zoo, copy, cands)
+    assert idx[0] == 4 and dist[0] < 1e-5
+
+
+def test_matched_distance_never_exceeds_the_direct_one():
+    zoo = zoo_of(8)
+    x = torch.randn(32, 6)
+    zl = logits(zoo, x)
+    dist, _ = matched_nearest(ARCH.to_json(), zoo, zoo, candidates(zoo, zoo, zl, zl, exclude_self=True))
+    direct, _ = nearest(zoo, zoo, exclude_self=True)
+    assert (dist <= direct + 1e-6).all() and (dist > 0).all()
+
+
+def test_baselines_have_the_requested_scale():
+    zoo = zoo_of(10)
+    med = zoo_nn_median(zoo)
+    noisy = noise_baseline(zoo, 0.5, med, 10, seed=0)
+    assert np.allclose(np.linalg.norm(noisy - zoo, axis=1) / med, 0.5, rtol=0.1)
+    mid = interpolation_baseline(zoo, 0.5, 20, seed=0)
+    d, _ = nearest(mid, zoo)
+    assert (d > 0).all()
+
+
+def test_wrong_prediction_iou():
+    a = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool)
+    b = np.array([[1, 0, 1, 0], [0, 0, 0, 0]], bool)
+    np.testing.assert_allclose(wrong_iou(a, b), [1 / 3, 1.0])
