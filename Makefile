@@ -25,8 +25,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -ra
 
-bench: setup
-	$(PY) bench/run_all.py
+bench: demo
+	$(PY) bench/flow_sweep.py runs/$(PRESET) --grid flow.source_std=0.1,0.3,1.0
 
 clean:
 	rm -rf runs .pytest_cache

@@ -66,6 +66,9 @@ class Pipeline:
         st = self.zoo_store if stage == "zoo" else self.store
         return store.read_table(st.uri(STAGE_DIRS[stage], "manifest.parquet"))
 
+    def stage_seconds(self) -> dict[str, float]:
+        return {s: self.store.stage_info(STAGE_DIRS[s])["seconds"] for s in STAGES[:-1] if self.store.done(STAGE_DIRS[s])}
+
     def canonical_models(self) -> tuple[pd.DataFrame, np.ndarray]:
         """The usable canonical models and their flat weights (n, d)."""
         man = self.manifest("canon")
@@ -152,7 +155,7 @@ class Pipeline:
 
     def eval(self) -> dict:
         def work():
-            from dwf_ray.eval.report import accuracy_table, write_report
+            from dwf_ray.eval.report import write_report
             from dwf_ray.eval.run import evaluate
             ok, zoo_flat = self.canonical_models()
             layout = WeightLayout.from_arch(self.arch)
@@ -160,7 +163,7 @@ class Pipeline:
             gen_flat = np.stack([layout.flatten(load_model_state(u, self.arch)[0]) for u in gen["uri"]])
             ref_id = ok["reference_id"].iloc[0]
             reference = zoo_flat[list(ok["model_id"]).index(ref_id)]
-            no_canon = None
+            no_canon, sub = None, None
             if self.cfg.eval.compare_no_canon and self.cfg.canon.enabled:
                 sub = self.no_canon_variant()
                 nc = sub.manifest("sample")
@@ -168,8 +171,9 @@ class Pipeline:
             metrics, accs = evaluate(self.cfg, self.arch, zoo_flat, gen_flat, self.store.uri("flow", "model.pt"),
                                      self.store.uri("pca"), reference, no_canon)
             metrics["root"] = self.store.root
-            metrics["timings"] = {s: self.store.stage_info(STAGE_DIRS[s])["seconds"] for s in STAGES[:-1]
-                                  if self.store.done(STAGE_DIRS[s])}
+            metrics["timings"] = self.stage_seconds()
+            if sub is not None:
+                metrics["timings"].update({f"{k} (no canon)": v for k, v in sub.stage_seconds().items()})
             metrics["counts"] = {s: self.store.stage_info(STAGE_DIRS[s]) for s in ("zoo", "canon")
                                  if self.store.done(STAGE_DIRS[s])}
             write_report(self.store.uri("report"), metrics, accs["zoo"], accs["generated"])

@@ -1,8 +1,6 @@
 """The pipeline against a run root on S3 (moto's server on loopback): workers read and write objects there."""
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import s3fs
 from typer.testing import CliRunner

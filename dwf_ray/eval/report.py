@@ -40,8 +40,8 @@ def plot_histogram(zoo_acc: np.ndarray, gen_acc: np.ndarray) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    lo = min(zoo_acc.min(), gen_acc.min()) * 100
-    bins = np.linspace(lo, 100, 30)
+    lo, hi = min(zoo_acc.min(), gen_acc.min()) * 100, max(zoo_acc.max(), gen_acc.max()) * 100
+    bins = np.linspace(lo - 0.25, hi + 0.25, 30)
     ax.hist(zoo_acc * 100, bins=bins, alpha=0.6, label=f"zoo (mean {zoo_acc.mean() * 100:.2f}%)")
     ax.hist(gen_acc * 100, bins=bins, alpha=0.6, label=f"generated (mean {gen_acc.mean() * 100:.2f}%)")
     ax.set_xlabel("test accuracy %")
@@ -67,6 +67,7 @@ def plot_tradeoff(points: list[dict], zoo_mean: float) -> bytes:
                     ax.annotate(p["setting"], (p["novelty"], p["acc"]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
     ax.axhline(zoo_mean, color="gray", lw=0.8, ls=":", label=f"zoo mean {zoo_mean:.2f}%")
+    ax.axvline(0.25, color="gray", lw=0.8, ls="--", label="novelty 0.25")
     ax.set_xlabel("novelty ratio (median NN distance to zoo / zoo's median NN distance)")
     ax.set_ylabel("mean test accuracy %")
     ax.legend(fontsize=8)
@@ -101,13 +102,16 @@ BatchNorm (when present) recalibrated on the training split.
 
 ## Diversity
 
-- zoo median nearest-neighbour distance (canonical space): {metrics['diversity']['zoo_nn_median']:.4f}
-- generated: novelty ratio {metrics['diversity']['novelty_ratio']:.3f}, mean wrong-prediction IoU
-  with the most similar zoo model {metrics['diversity']['wrong_iou_mean']:.3f}
-  (zoo models against their nearest other zoo model: {metrics['diversity']['zoo_wrong_iou_mean']:.3f})
-- spread of the generated set: median nearest-neighbour distance among generated models over the zoo's
-  {metrics['diversity']['generated_self_nn_ratio']:.3f}; {metrics['diversity']['distinct_nearest_zoo_models']}
-  distinct zoo models are nearest to some generated model
+Distances are in canonical weight space, up to permutation (each model weight-matched onto its nearest
+zoo candidates).
+
+- zoo median nearest-neighbour distance: {metrics['diversity']['zoo_nn_median']:.4f}
+- generated: novelty ratio {metrics['diversity']['novelty_ratio']:.3f}; mean wrong-prediction IoU with the
+  nearest zoo model {metrics['diversity']['wrong_iou_mean']:.3f} (zoo models against their nearest other zoo
+  model: {metrics['diversity']['zoo_wrong_iou_mean']:.3f})
+- spread of the generated set (its own median nearest-neighbour distance over the zoo's):
+  {metrics['diversity']['generated_self_nn_ratio']:.3f}; {metrics['diversity']['distinct_nearest_zoo_models']} distinct
+  zoo models are the nearest of some generated model
 
 ## Accuracy-novelty trade-off
 
