@@ -17,14 +17,18 @@ from dwf_ray.config import FlowConfig
 from dwf_ray.flow.model import VelocityMLP
 
 
+def _float32(v) -> np.ndarray:
+    return (v.numpy() if torch.is_tensor(v) else np.asarray(v)).astype(np.float32)
+
+
 class LatentScaler:
     """Standardisation of the latents, stored with the flow checkpoint.
 
     whiten: per-dimension mean and std; global: one std for all dimensions; none: identity.
     """
 
-    def __init__(self, mean: np.ndarray, scale: np.ndarray):
-        self.mean, self.scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
+    def __init__(self, mean, scale):
+        self.mean, self.scale = _float32(mean), _float32(scale)
 
     @classmethod
     def fit(cls, z: np.ndarray, mode: str) -> "LatentScaler":
@@ -46,7 +50,7 @@ class LatentScaler:
         return u * self.scale + self.mean
 
     def state(self) -> dict:
-        return {"mean": self.mean, "scale": self.scale}
+        return {"mean": torch.from_numpy(self.mean), "scale": torch.from_numpy(self.scale)}
 
 
 def build_velocity_net(cfg: FlowConfig, dim: int) -> VelocityMLP:
@@ -159,7 +163,7 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            st = torch.load(os.path.join(d, "flow.pt"), map_location=trainer.device, weights_only=False)
+            st = torch.load(os.path.join(d, "flow.pt"), map_location=trainer.device, weights_only=True)
         trainer.load_state_dict(st)
         start, history = st["step"], st["history"]
     g = noise_generator(cfg.seed, rank, start)
@@ -221,7 +225,7 @@ def run_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "flow
     result = trainer.fit()
     best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["selection_loss"])
     with best_ckpt.as_directory() as d:
-        st = torch.load(os.path.join(d, "flow.pt"), map_location="cpu", weights_only=False)
+        st = torch.load(os.path.join(d, "flow.pt"), map_location="cpu", weights_only=True)
     info = {"best_step": int(best_metrics["step"]), "best_heldout_loss": float(best_metrics["heldout_loss"]),
             "history": st["history"], "n_train": len(u_train), "n_holdout": len(u_hold) if u_hold is not u_train else 0}
     save_flow(store.join(out_dir, "model.pt"), st["ema"], cfg, scaler, z.shape[1], info)
@@ -236,7 +240,7 @@ def save_flow(uri: str, ema_state: dict, cfg: FlowConfig, scaler: LatentScaler, 
 
 
 def load_flow(uri: str) -> tuple[VelocityMLP, LatentScaler, FlowConfig]:
-    st = torch.load(io.BytesIO(store.read_bytes(uri)), map_location="cpu", weights_only=False)
+    st = torch.load(io.BytesIO(store.read_bytes(uri)), map_location="cpu", weights_only=True)
     cfg = FlowConfig.model_validate(st["config"])
     net = build_velocity_net(cfg, st["dim"])
     net.load_state_dict(st["ema"])
