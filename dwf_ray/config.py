@@ -58,7 +58,7 @@ class FlowConfig(_Cfg):
     batch_size: int = 64             # global batch, split across the DDP workers
     warmup_steps: int = 200
     scaling: Literal["whiten", "global", "none"] = "whiten"   # latent standardisation
-    source_std: float = 0.3          # 1.0 collapses onto the zoo mean; 0.1 gives near-copies (README)
+    source_std: float = 0.3          # 1.0: collapse to the zoo mean; 0.1: near-copies (docs/tuning-*.md)
     sigma: float = 0.001
     ema_decay: float = 0.999
     ot_coupling: bool = False
