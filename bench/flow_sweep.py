@@ -21,7 +21,7 @@ from dwf_ray.eval.diversity import candidates, interpolation_baseline, matched_n
 from dwf_ray.eval.run import baseline_at
 from dwf_ray.eval.scoring import score_flat
 from dwf_ray.flow.sample import sample_latents
-from dwf_ray.flow.train import FlowTrainer, LatentScaler, noise_generator, split_holdout
+from dwf_ray.flow.train import FlowTrainer, LatentScaler, noise_generator, selectable, split_holdout
 from dwf_ray.pca.shards import PCAModel
 from dwf_ray.pipeline import Pipeline
 
@@ -45,13 +45,13 @@ def main() -> None:
     ec = EvalConfig(bn_recal_batches=pipe.cfg.eval.bn_recal_batches)
     median = zoo_nn_median(zoo)
 
-    _, _, zoo_logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), zoo, val_logits=256)
+    _, _, zoo_logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), zoo)
     zoo_dist, _ = matched_nearest(arch_json, zoo, zoo, candidates(zoo, zoo, zoo_logits, zoo_logits, exclude_self=True))
     unit = float(np.median(zoo_dist))
 
     def score(flat: np.ndarray) -> tuple[float, float, float]:
         """(mean test accuracy %, novelty ratio, spread), distances up to permutation as in the report."""
-        acc, _, logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), flat, val_logits=256)
+        acc, _, logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), flat)
         dist, _ = matched_nearest(arch_json, zoo, flat, candidates(flat, zoo, logits, zoo_logits))
         return float(acc.mean() * 100), float(np.median(dist) / unit), zoo_nn_median(flat) / unit
 
@@ -82,7 +82,7 @@ def main() -> None:
         best, best_state, t0 = np.inf, None, time.perf_counter()
         for step in range(fc.steps):
             trainer.step(u_train[torch.randint(len(u_train), (fc.batch_size,), generator=g)], g)
-            if (step + 1) % fc.eval_every == 0 and step + 1 >= fc.select_after * fc.steps or step + 1 == fc.steps:
+            if ((step + 1) % fc.eval_every == 0 or step + 1 == fc.steps) and selectable(fc, step + 1):
                 loss = trainer.heldout(u_hold)
                 if loss < best:
                     best, best_state = loss, {k: v.clone() for k, v in trainer.ema.state_dict().items()}

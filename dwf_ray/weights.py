@@ -110,16 +110,20 @@ def _parse_header(raw: bytes, uri: str) -> tuple[dict, int]:
     return n, 8 + n
 
 
+def _decode_header(raw: bytes, uri: str) -> dict:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from exc
+
+
 def read_header(uri: str) -> tuple[dict, int]:
     """(header, start of the data buffer) with ranged reads only."""
     n, data_start = _parse_header(store.read_range(uri, 0, 8), uri)
     raw = store.read_range(uri, 8, data_start)
     if len(raw) != n:
         raise CheckpointError(f"{uri}: truncated checkpoint (header cut short)")
-    try:
-        return json.loads(raw), data_start
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from exc
+    return _decode_header(raw, uri), data_start
 
 
 def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -133,10 +137,7 @@ def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     n, data_start = _parse_header(raw, uri)
     if len(raw) < data_start:
         raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} bytes, header alone needs {data_start})")
-    try:
-        header = json.loads(raw[8:data_start])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from exc
+    header = _decode_header(raw[8:data_start], uri)
     size = data_start + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if len(raw) < size:
         raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} of {size} bytes)")

@@ -109,7 +109,7 @@ zoo candidates).
 - generated: novelty ratio {metrics['diversity']['novelty_ratio']:.3f}; mean wrong-prediction IoU with the
   nearest zoo model {metrics['diversity']['wrong_iou_mean']:.3f} (zoo models against their nearest other zoo
   model: {metrics['diversity']['zoo_wrong_iou_mean']:.3f})
-- spread of the generated set (its own median nearest-neighbour distance over the zoo's):
+- spread of the generated set (its own median nearest-neighbour distance over the zoo's, both direct):
   {metrics['diversity']['generated_self_nn_ratio']:.3f}; {metrics['diversity']['distinct_nearest_zoo_models']} distinct
   zoo models are the nearest of some generated model
 

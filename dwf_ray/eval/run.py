@@ -31,7 +31,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
              pca_dir: str, reference: np.ndarray, no_canon: np.ndarray | None = None) -> tuple[dict, dict]:
     """Returns (metrics, accuracies per set). All flat weights are in canonical space except ``no_canon``."""
     ec, sc = cfg.eval, cfg.sample
-    zoo_median = zoo_nn_median(zoo)      # direct distance: sets the noise baseline's scale
+    zoo_median = zoo_nn_median(zoo)      # direct distance: the noise baseline's scale and the spread's unit
     sets: dict[str, np.ndarray] = {"zoo": zoo, "generated": generated}
     labels: dict[str, tuple[str, str]] = {"generated": ("generator", f"T={sc.temperature:g}")}
     for i, temp in enumerate(t for t in ec.temperatures if not np.isclose(t, sc.temperature)):
@@ -75,7 +75,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
                       "zoo_wrong_iou_mean": float(wrong_iou(zoo_wrong, zoo_wrong[nn["zoo"][1]]).mean()),
                       "distinct_nearest_zoo_models": int(len(np.unique(nn["generated"][1]))),
                       # spread of the generated set itself, in the same unit (1.0 = as spread as the zoo)
-                      "generated_self_nn_ratio": zoo_nn_median(generated) / unit},
+                      "generated_self_nn_ratio": zoo_nn_median(generated) / zoo_median},
         "tradeoff": points,
         "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
                             "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,

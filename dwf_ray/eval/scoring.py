@@ -12,11 +12,10 @@ from dwf_ray.eval.accuracy import predict, recalibrate_batchnorm
 from dwf_ray.weights import WeightLayout, to_module
 
 
-def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, val_logits: int = 0):
-    """(test accuracy per model, wrong-prediction mask per model); BatchNorm recalibrated on train data.
+def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, val_logits: int = 256):
+    """(test accuracy, wrong-prediction mask, logits on the first ``val_logits`` validation examples) per model.
 
-    With ``val_logits=m`` also the logits on the first m validation examples (a permutation-invariant
-    fingerprint of each model's function).
+    BatchNorm is recalibrated on train data. The logits are a permutation-invariant fingerprint of a model.
     """
     torch.set_num_threads(1)
     arch = ArchSpec.from_json(arch_json)
@@ -30,12 +29,9 @@ def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, 
         miss = (predict(model, data.test) != data.test.y).numpy()
         accs.append(1.0 - miss.mean())
         wrong.append(miss)
-        if val_logits:
-            with torch.no_grad():
-                logits.append(model(data.val.x[:val_logits]).numpy())
-    if val_logits:
-        return np.asarray(accs), np.asarray(wrong), np.asarray(logits)
-    return np.asarray(accs), np.asarray(wrong)
+        with torch.no_grad():
+            logits.append(model(data.val.x[:val_logits]).numpy())
+    return np.asarray(accs), np.asarray(wrong), np.asarray(logits)
 
 
 def map_chunks(fn, sets: dict[str, tuple[tuple, tuple]], desc: str, chunk: int = 64, **kwargs) -> dict[str, tuple]:

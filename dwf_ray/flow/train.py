@@ -141,6 +141,12 @@ class FlowTrainer:
         self.sched.load_state_dict(st["sched"])
 
 
+def selectable(cfg: FlowConfig, step: int) -> bool:
+    """Whether the checkpoint after ``step`` steps may be chosen: early checkpoints of a flow that memorises
+    its few latents can score a lower held-out loss by chance while undertrained (kept only for resuming)."""
+    return step >= cfg.select_after * cfg.steps or step == cfg.steps
+
+
 def noise_generator(seed: int, rank: int = 0, start_step: int = 0) -> torch.Generator:
     """Each worker draws its own noise; a resumed run continues with a fresh, reproducible stream."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + start_step) % 2**63)
@@ -174,10 +180,7 @@ def train_loop(config: dict) -> None:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             n_since = step + 1 - (history[-1]["step"] if history else start)
             metrics = {"step": step + 1, "train_loss": running / n_since, "heldout_loss": trainer.heldout(z_hold)}
-            # early checkpoints of a flow that memorises its few latents can score a lower held-out loss
-            # by chance while being undertrained: they are kept for resuming but never selected
-            candidate = step + 1 >= cfg.select_after * cfg.steps or step + 1 == cfg.steps
-            metrics["selection_loss"] = metrics["heldout_loss"] if candidate else float("inf")
+            metrics["selection_loss"] = metrics["heldout_loss"] if selectable(cfg, step + 1) else float("inf")
             running = 0.0
             history.append(metrics)
             if rank == 0:
