@@ -17,7 +17,8 @@ _RESTART = typer.Option(None, "--restart-from", help="redo this stage and every 
 
 def _pipeline(preset: Optional[str], root: Optional[str], name: Optional[str], overrides: List[str],
               restart_from: Optional[str] = None, no_canon: bool = False):
-    from dwf_ray.config import RunConfig, preset as load_preset
+    from dwf_ray.config import RunConfig
+    from dwf_ray.presets import preset as load_preset
     from dwf_ray.pipeline import Pipeline
     cfg: Optional[RunConfig] = None
     if preset:
@@ -81,7 +82,7 @@ def import_(source: str = typer.Argument(..., help="folder or s3:// prefix of .s
 @app.command()
 def presets():
     """List the presets."""
-    from dwf_ray.config import PRESETS
+    from dwf_ray.presets import PRESETS
     for key in sorted(PRESETS):
         typer.echo(key)
 

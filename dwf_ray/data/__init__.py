@@ -38,15 +38,29 @@ def _bundled(name: str):
     raise ValueError(f"unknown dataset {name!r}; bundled datasets: digits, iris")
 
 
+def dataset_for(zoo_cfg) -> Dataset:
+    """The dataset a ZooConfig names (every stage loads its data through here)."""
+    classes = tuple(zoo_cfg.classes) if zoo_cfg.classes is not None else None
+    return load_dataset(zoo_cfg.dataset, zoo_cfg.split_seed, image=zoo_cfg.image, classes=classes)
+
+
 @lru_cache(maxsize=8)
 def load_dataset(name: str, split_seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                 image: bool = False) -> Dataset:
+                 image: bool = False, classes: tuple[int, ...] | None = None) -> Dataset:
     """Load a bundled dataset; the split depends only on ``split_seed`` (stratified per class).
 
     Features are standardised with the training split's mean and std (floored at 0.1).
     ``image=True`` reshapes digits to 1x8x8 images for convolutional and attention models.
+    ``classes`` keeps only those classes, relabelled 0..len(classes)-1 in the order given.
     """
     x, y, shape = _bundled(name)
+    if classes is not None:
+        unknown = sorted(set(classes) - set(np.unique(y).tolist()))
+        if unknown:
+            raise ValueError(f"dataset {name!r} has no classes {unknown}")
+        keep = np.isin(y, classes)
+        relabel = {c: i for i, c in enumerate(classes)}
+        x, y = x[keep], np.array([relabel[c] for c in y[keep]])
     rng = np.random.default_rng(split_seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for c in np.unique(y):

@@ -7,7 +7,7 @@ import torch
 
 from dwf_ray.archs import ArchSpec
 from dwf_ray.config import EvalConfig, ZooConfig
-from dwf_ray.data import load_dataset
+from dwf_ray.data import dataset_for
 from dwf_ray.eval.accuracy import predict, recalibrate_batchnorm
 from dwf_ray.weights import WeightLayout, to_module
 
@@ -20,7 +20,7 @@ def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, 
     torch.set_num_threads(1)
     arch = ArchSpec.from_json(arch_json)
     zc, ec = ZooConfig.model_validate_json(zoo_json), EvalConfig.model_validate_json(eval_json)
-    data = load_dataset(zc.dataset, zc.split_seed, image=zc.image)
+    data = dataset_for(zc)
     layout = WeightLayout.from_arch(arch)
     accs, wrong, logits = [], [], []
     for vec in flat:

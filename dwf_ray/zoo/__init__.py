@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, build_model
 from dwf_ray.config import ZooConfig
-from dwf_ray.data import load_dataset
+from dwf_ray.data import dataset_for
 from dwf_ray.eval.accuracy import accuracy
 from dwf_ray.runtime import wait_with_progress
 from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
@@ -23,7 +23,7 @@ MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "s
 
 def train_classifier(model: torch.nn.Module, cfg: ZooConfig, seed: int) -> torch.nn.Module:
     """AdamW with a cosine schedule; keeps the epoch with the best validation accuracy (never looks at test)."""
-    data = load_dataset(cfg.dataset, cfg.split_seed, image=cfg.image)
+    data = dataset_for(cfg)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
@@ -47,7 +47,7 @@ def train_classifier(model: torch.nn.Module, cfg: ZooConfig, seed: int) -> torch
 
 
 def _metrics(model: torch.nn.Module, cfg: ZooConfig) -> dict:
-    data = load_dataset(cfg.dataset, cfg.split_seed, image=cfg.image)
+    data = dataset_for(cfg)
     return {f"{k}_acc": accuracy(model, getattr(data, k)) for k in ("train", "val", "test")}
 
 
