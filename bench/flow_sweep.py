@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import numpy as np
 import torch
@@ -21,9 +20,45 @@ from dwf_ray.eval.diversity import candidates, interpolation_baseline, matched_n
 from dwf_ray.eval.run import baseline_at
 from dwf_ray.eval.scoring import score_flat
 from dwf_ray.flow.sample import sample_latents
-from dwf_ray.flow.train import FlowTrainer, LatentScaler, noise_generator, selectable, split_holdout
+from dwf_ray.flow.train import LatentScaler, train_in_process
 from dwf_ray.pca.shards import PCAModel
 from dwf_ray.pipeline import Pipeline
+
+
+class ZooScorer:
+    """Scores sets of flat models of a run root's canonical zoo in this process, as the report does:
+    mean test accuracy, novelty ratio (distances up to permutation) and the baselines at equal novelty."""
+
+    def __init__(self, pipe: Pipeline, n_baseline: int = 100):
+        self.arch_json, self.zoo_json = pipe.arch.to_json(), pipe.cfg.zoo.model_dump_json()
+        _, self.zoo = pipe.canonical_models()
+        self.ec = EvalConfig(bn_recal_batches=pipe.cfg.eval.bn_recal_batches)
+        _, _, self.zoo_logits = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), self.zoo)
+        zoo_dist, _ = matched_nearest(self.arch_json, self.zoo, self.zoo, candidates(
+            self.zoo, self.zoo, self.zoo_logits, self.zoo_logits, exclude_self=True))
+        self.unit = float(np.median(zoo_dist))
+        self.zoo_acc = self(self.zoo)[0]
+        self.n_baseline, self._points = n_baseline, None
+
+    def __call__(self, flat: np.ndarray) -> tuple[float, float, float]:
+        """(mean test accuracy %, novelty ratio, spread), distances up to permutation as in the report."""
+        acc, _, logits = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), flat)
+        dist, _ = matched_nearest(self.arch_json, self.zoo, flat, candidates(flat, self.zoo, logits, self.zoo_logits))
+        return float(acc.mean() * 100), float(np.median(dist) / self.unit), zoo_nn_median(flat) / self.unit
+
+    def baselines_at(self, novelty: float) -> tuple[float, float]:
+        """(noise, interpolation) baseline accuracy % interpolated to ``novelty``; measured on first use."""
+        if self._points is None:
+            median, n, seed = zoo_nn_median(self.zoo), self.n_baseline, self.ec.seed
+            self._points = [{"method": "noise", "acc": a, "novelty": v} for a, v, _ in (
+                self(noise_baseline(self.zoo, lvl, median, n, seed)) for lvl in NOISE_LEVELS)]
+            self._points += [{"method": "interpolation", "acc": a, "novelty": v} for a, v, _ in (
+                self(interpolation_baseline(self.zoo, w, n, seed)) for w in MIX_WEIGHTS)]
+        return baseline_at(self._points, "noise", novelty), baseline_at(self._points, "interpolation", novelty)
+
+
+NOISE_LEVELS = (0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+MIX_WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def main() -> None:
@@ -37,37 +72,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     pipe = Pipeline(args.root)
-    arch_json = pipe.arch.to_json()
-    _, zoo = pipe.canonical_models()
     pca_dir = pipe.store.uri("pca")
     pca, z = PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir)
-    zoo_json = pipe.cfg.zoo.model_dump_json()
-    ec = EvalConfig(bn_recal_batches=pipe.cfg.eval.bn_recal_batches)
-    median = zoo_nn_median(zoo)
-
-    _, _, zoo_logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), zoo)
-    zoo_dist, _ = matched_nearest(arch_json, zoo, zoo, candidates(zoo, zoo, zoo_logits, zoo_logits, exclude_self=True))
-    unit = float(np.median(zoo_dist))
-
-    def score(flat: np.ndarray) -> tuple[float, float, float]:
-        """(mean test accuracy %, novelty ratio, spread), distances up to permutation as in the report."""
-        acc, _, logits = score_flat(arch_json, zoo_json, ec.model_dump_json(), flat)
-        dist, _ = matched_nearest(arch_json, zoo, flat, candidates(flat, zoo, logits, zoo_logits))
-        return float(acc.mean() * 100), float(np.median(dist) / unit), zoo_nn_median(flat) / unit
-
-    zoo_acc = score(zoo)[0]
-    points = []
-    for lvl in (0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0):
-        acc, nov, _ = score(noise_baseline(zoo, lvl, median, args.n, ec.seed))
-        points.append({"method": "noise", "acc": acc, "novelty": nov})
-    for w in (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5):
-        acc, nov, _ = score(interpolation_baseline(zoo, w, args.n, ec.seed))
-        points.append({"method": "interpolation", "acc": acc, "novelty": nov})
+    scorer = ZooScorer(pipe, args.n)
 
     keys = [g.split("=", 1)[0] for g in args.grid]
     values = [g.split("=", 1)[1].split(",") for g in args.grid]
     temps = [float(t) for t in args.temperatures.split(",")]
-    print(f"zoo mean test accuracy {zoo_acc:.2f} %, zoo median NN distance {unit:.4f} (up to permutation)")
+    print(f"zoo mean test accuracy {scorer.zoo_acc:.2f} %, zoo median NN distance {scorer.unit:.4f} (up to permutation)")
     print("| setting | T | acc % | novelty | spread | noise % | interp % | delta pp | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for combo in itertools.product(*values) if values else [()]:
@@ -75,27 +87,15 @@ def main() -> None:
         cfg = pipe.cfg.with_overrides(overrides)
         fc = cfg.flow
         scaler = LatentScaler.fit(z, fc.scaling)
-        u = torch.tensor(scaler.transform(z), dtype=torch.float32)
-        u_train, u_hold = split_holdout(u, fc.holdout_fraction, fc.seed)
-        trainer = FlowTrainer(fc, u.shape[1])
-        g = noise_generator(fc.seed)
-        best, best_state, t0 = np.inf, None, time.perf_counter()
-        for step in range(fc.steps):
-            trainer.step(u_train[torch.randint(len(u_train), (fc.batch_size,), generator=g)], g)
-            if ((step + 1) % fc.eval_every == 0 or step + 1 == fc.steps) and selectable(fc, step + 1):
-                loss = trainer.heldout(u_hold)
-                if loss < best:
-                    best, best_state = loss, {k: v.clone() for k, v in trainer.ema.state_dict().items()}
-        seconds = time.perf_counter() - t0
-        trainer.ema.load_state_dict(best_state)
+        trainer, info = train_in_process(scaler.transform(z), fc)
         for temp in temps:
             lat = sample_latents(trainer.ema, scaler, args.n, fc.source_std, temp, cfg.sample.solver,
-                                 cfg.sample.steps, cfg.sample.seed)
-            acc, nov, spread = score(pca.decode(lat))
-            noise_acc, interp_acc = baseline_at(points, "noise", nov), baseline_at(points, "interpolation", nov)
+                                 cfg.sample.steps, cfg.sample.seed, fc.source)
+            acc, nov, spread = scorer(pca.decode(lat))
+            noise_acc, interp_acc = scorer.baselines_at(nov)
             print(f"| {' '.join(overrides) or 'run config'} | {temp:g} | {acc:.2f} | {nov:.3f} | {spread:.2f} | "
-                  f"{noise_acc:.2f} | {interp_acc:.2f} | {acc - max(noise_acc, interp_acc):+.2f} | {seconds:.0f} |",
-                  flush=True)
+                  f"{noise_acc:.2f} | {interp_acc:.2f} | {acc - max(noise_acc, interp_acc):+.2f} | "
+                  f"{info['seconds']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,47 @@ def run(preset: str = typer.Option("digits-mlp", "--preset"), root: Optional[str
     _pipeline(preset, root, name, set_, restart_from, no_canon).run()
 
 
+zoo_app = typer.Typer()
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.callback(invoke_without_command=True)
+def zoo(ctx: typer.Context, preset: Optional[str] = _PRESET, root: Optional[str] = _ROOT,
+        name: Optional[str] = _NAME, set_: List[str] = _SET, restart_from: Optional[str] = _RESTART):
+    """Train the zoo as Ray tasks (zoo/ + manifest.parquet), or `dwf zoo import` checkpoints trained elsewhere."""
+    if ctx.invoked_subcommand is None:
+        _pipeline(preset, root, name, set_, restart_from).zoo()
+    elif preset or root or name or set_ or restart_from:
+        raise typer.BadParameter(f"put the options after the subcommand: dwf zoo {ctx.invoked_subcommand} ... --root ...")
+
+
+def _arch_json(value: str) -> str:
+    """The --arch value (ArchSpec JSON, or @FILE holding it, local or s3://) as validated ArchSpec JSON."""
+    from dwf_ray import store
+    from dwf_ray.archs import ArchSpec, build_model
+    try:
+        arch = ArchSpec.from_json(store.read_bytes(value[1:]).decode() if value.startswith("@") else value)
+        build_model(arch)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise typer.BadParameter(f"--arch {value!r} is not a usable ArchSpec: {exc}") from exc
+    return arch.to_json()
+
+
+@zoo_app.command("import")
+def zoo_import(source: str = typer.Argument(..., help="folder or s3:// prefix of .safetensors/.pt/.pth/.bin checkpoints"),
+               arch: str = typer.Option(..., "--arch", help='ArchSpec JSON, e.g. {"family": "mlp", "args": {...}}, '
+                                                            "or @FILE holding it"),
+               dataset: str = typer.Option("digits", "--dataset"), preset: str = typer.Option("digits-mlp", "--preset"),
+               root: Optional[str] = _ROOT, name: Optional[str] = _NAME, set_: List[str] = _SET):
+    """Import checkpoints trained elsewhere as the zoo of a run root; each unusable file keeps an error row."""
+    import json
+    overrides = list(set_) + [f"zoo.arch={_arch_json(arch)}", f"zoo.dataset={json.dumps(dataset)}"]
+    _pipeline(preset, root, name, overrides).import_zoo(source)
+
+
+app.command("import", hidden=True)(zoo_import)   # the earlier spelling, `dwf import`
+
+
 def _stage_command(stage: str, doc: str):
     def command(preset: Optional[str] = _PRESET, root: Optional[str] = _ROOT, name: Optional[str] = _NAME,
                 set_: List[str] = _SET, restart_from: Optional[str] = _RESTART):
@@ -58,7 +99,6 @@ def _stage_command(stage: str, doc: str):
 
 
 for _stage, _doc in [
-    ("zoo", "Train the zoo as Ray tasks (zoo/ + manifest.parquet)."),
     ("canon", "Canonicalize the zoo onto the reference with Ray Data (canon/)."),
     ("pca", "Distributed dual PCA with GramShard actors (pca/)."),
     ("flow", "Train the flow model with Ray Train (flow/model.pt)."),
@@ -68,15 +108,25 @@ for _stage, _doc in [
     _stage_command(_stage, _doc)
 
 
-@app.command("import")
-def import_(source: str = typer.Argument(..., help="folder or s3:// prefix of .safetensors/.pt checkpoints"),
-            arch: str = typer.Option(..., "--arch", help='ArchSpec JSON, e.g. {"family": "mlp", "args": {...}}'),
-            dataset: str = typer.Option("digits", "--dataset"), preset: str = typer.Option("digits-mlp", "--preset"),
-            root: Optional[str] = _ROOT, name: Optional[str] = _NAME, set_: List[str] = _SET):
-    """Import checkpoints trained elsewhere as the zoo of a run root."""
-    import json
-    overrides = list(set_) + [f"zoo.arch={arch}", f"zoo.dataset={json.dumps(dataset)}"]
-    _pipeline(preset, root, name, overrides).import_zoo(source)
+@app.command()
+def conditional(
+        from_: List[str] = typer.Option(..., "--from", help="run root of one class, complete through pca "
+                                                           "(repeat; the order gives the labels)"),
+        root: str = typer.Option(..., "--root", help="output root: a folder or s3://bucket/prefix"),
+        class_name: List[str] = typer.Option([], "--class-name", help="class names (default: the roots' folder names)"),
+        guidance: str = typer.Option("0,1,2", "--guidance", help="guidance scales w, comma-separated "
+                                                                 "(0: unconditional, 1: conditional)"),
+        no_baselines: bool = typer.Option(False, "--no-baselines", help="skip the noise/interpolation baselines"),
+        set_: List[str] = _SET):
+    """One class-conditional flow over several zoos (classifier-free guidance); per-class report."""
+    from dwf_ray.flow.conditional import ConditionalConfig, run_conditional
+    try:
+        cfg = ConditionalConfig(roots=list(from_), names=list(class_name) or None, baselines=not no_baselines,
+                                guidance=[float(w) for w in guidance.split(",")]).with_overrides(list(set_))
+        cfg.class_names()
+        run_conditional(cfg, root, log=typer.echo)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 @app.command()

@@ -31,11 +31,12 @@ class ZooConfig(_Cfg):
 
 class CanonConfig(_Cfg):
     enabled: bool = True             # False: copy weights unchanged (the --no-canon ablation)
+    residual: bool = False           # transformers: also permute the residual stream (beyond the paper)
     reference: int = 0               # model index of the reference
     max_iter: int = 100
     seed: int = 0
     min_actors: int = 1
-    max_actors: int = 2
+    max_actors: Optional[int] = None   # None: the pool grows as far as the cluster's CPUs/GPUs allow
     actor_cpus: float = 0.5
     actor_gpus: float = 0.0
     batch_size: int = 8
@@ -45,9 +46,16 @@ class PCAConfig(_Cfg):
     k: Optional[int] = None          # None: n-1, or the variance target when one is set
     variance_target: Optional[float] = None
     n_shards: int = 2
-    shard_cpus: float = 0.5
+    shard_cpus: float = 0.5          # also the BLAS/torch threads of a shard (at least 1)
     shard_gpus: float = 0.0
-    block_columns: int = 1 << 22     # columns per block an actor reads and multiplies at once
+    memory_budget_bytes: int = 1 << 30   # arrays one GramShard holds at once: sets its block size, not d
+    engine: Literal["auto", "numpy", "torch"] = "auto"   # auto: torch (on the GPU) when shard_gpus > 0
+    compute_dtype: Literal["float32", "float64"] = "float32"   # products; blocks are summed in float64
+    input_dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # torch engine: inputs of the products
+    max_restarts: int = 2            # a GramShard that dies is restarted and redoes its pass
+
+    def resolved_engine(self) -> str:
+        return ("torch" if self.shard_gpus > 0 else "numpy") if self.engine == "auto" else self.engine
 
 
 class FlowConfig(_Cfg):
@@ -64,6 +72,12 @@ class FlowConfig(_Cfg):
     source_std: float = 0.3          # 1.0: collapse to the zoo mean; 0.1: near-copies (docs/tuning-*.md)
     sigma: float = 0.001
     ema_decay: float = 0.999
+    source: Literal["gaussian", "uniform"] = "gaussian"   # source noise, unit variance per dimension
+    time_dist: Literal["uniform", "logit_normal"] = "uniform"   # training times t
+    time_loc: float = 0.0            # logit-normal times: t = sigmoid(time_loc + time_scale * N(0, 1))
+    time_scale: float = 1.0
+    schedule: Literal["cosine", "constant"] = "cosine"   # learning rate after the linear warmup
+    p_uncond: float = 0.1            # conditional flows: probability of the null label (classifier-free guidance)
     ot_coupling: bool = False
     holdout_fraction: float = 0.1    # latents held out to choose the checkpoint
     select_after: float = 0.5        # only checkpoints from this fraction of training on are candidates
@@ -79,6 +93,13 @@ class FlowConfig(_Cfg):
         from dwf_ray.runtime import cluster_gpus
         return cluster_gpus() >= 1
 
+    @classmethod
+    def paper(cls, **overrides) -> "FlowConfig":
+        """The paper's flow: hidden 512, time embedding 64, dropout 0.1, AdamW 5e-4 with a cosine schedule,
+        30k steps, sigma 0.001, standard Gaussian source."""
+        return cls(**{"hidden": 512, "time_dim": 64, "dropout": 0.1, "lr": 5e-4, "schedule": "cosine",
+                      "steps": 30000, "sigma": 0.001, "source": "gaussian", "source_std": 1.0, **overrides})
+
 
 class SampleConfig(_Cfg):
     n: int = 100
@@ -86,6 +107,11 @@ class SampleConfig(_Cfg):
     steps: int = 100
     temperature: float = 1.0         # source-noise scale at sampling time
     seed: int = 1234
+
+    @classmethod
+    def paper(cls, **overrides) -> "SampleConfig":
+        """The paper's sampler: RK4 with 100 steps."""
+        return cls(**{"solver": "rk4", "steps": 100, **overrides})
 
 
 class EvalConfig(_Cfg):
@@ -95,6 +121,8 @@ class EvalConfig(_Cfg):
     n_baseline: int = 100
     bn_recal_batches: int = 20
     compare_no_canon: bool = True    # also run canon-free PCA/flow/sample for the report
+    nn_candidates: int = 2           # zoo models matched per model, in weight space and in function space each
+    num_gpus: float = 0.0            # GPUs per scoring / matching task (large models); 0: CPU
     seed: int = 7
 
 

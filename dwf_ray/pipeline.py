@@ -81,6 +81,7 @@ class Pipeline:
     def zoo(self) -> dict:
         def work():
             from dwf_ray.zoo import run_zoo
+            check_arch_fits_data(self.arch, self.cfg.zoo)
             man = run_zoo(self.cfg.zoo, self.store.uri("zoo"))
             store.write_table(self.store.uri("zoo", "manifest.parquet"), man)
             return _counts(man) | {"test_acc_mean": float(man["test_acc"].mean())}
@@ -201,6 +202,29 @@ class Pipeline:
         op = m["operating_point"]
         self.log(f"\nnovelty ratio {op['novelty']:.3f}; beats baselines at equal novelty: {op['accepted']}; "
                  f"report: {self.store.uri('report', 'report.md')}" + (f"; total {total:.1f} s" if total else ""))
+
+
+def check_arch_fits_data(arch: ArchSpec, zoo_cfg) -> None:
+    """Load the dataset once (a missing file fails here, naming it) and run the model on two training examples:
+    a model that does not take the dataset's inputs or classes fails before any zoo task starts."""
+    import torch
+    from dwf_ray.archs import build_model
+    from dwf_ray.data import dataset_for
+    data = dataset_for(zoo_cfg)
+    model = build_model(arch).eval()
+    where = f"arch {arch.to_json()} on dataset {zoo_cfg.dataset!r}"
+    vocab = arch.args.get("vocab_size")
+    if data.vocab_size is not None and (vocab is None or vocab < data.vocab_size):
+        raise ValueError(f"{where}: the tokenizer has {data.vocab_size} tokens but the model's vocab_size is {vocab}")
+    try:
+        with torch.no_grad():
+            out = model(data.train.x[:2])
+    except Exception as exc:  # shape errors come from deep inside the model
+        raise ValueError(f"{where}: the model does not take inputs of shape {tuple(data.train.x.shape[1:])} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if tuple(out.shape) != (2, data.n_classes):
+        raise ValueError(f"{where}: the model outputs {tuple(out.shape[1:])} values per example, "
+                         f"the dataset has {data.n_classes} classes")
 
 
 def _counts(man: pd.DataFrame) -> dict:

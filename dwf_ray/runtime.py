@@ -9,6 +9,7 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
 
+import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
 _FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -49,3 +50,9 @@ def wait_with_progress(refs: list, desc: str) -> list:
                 out[index[r]] = ray.get(r)
                 bar.update(1)
     return out
+
+
+
+def chunks(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    """Consecutive row blocks of ``size``: one Ray Data block (and task) each, so every worker gets a share."""
+    return [df.iloc[i:i + size] for i in range(0, len(df), size)]

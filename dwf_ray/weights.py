@@ -22,6 +22,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
+def row_error(uri: str, exc: Exception) -> str:
+    """A failed row's error: a CheckpointError already names the file; anything else gets the file and its type."""
+    return str(exc) if isinstance(exc, CheckpointError) else f"{uri}: {type(exc).__name__}: {exc}"
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str

@@ -19,7 +19,7 @@ def test_whole_run_on_an_s3_root(s3_server, ray_session):
     fs = s3fs.S3FileSystem()
     names = set(fs.find(f"{bucket}/runs/smoke"))
     for key in ("zoo/manifest.parquet", "zoo/m00005.safetensors", "canonical/manifest.parquet", "pca/meta.json",
-                "pca/shard_001.npz", "flow/model.pt", "samples/manifest.parquet", "report/metrics.json",
+                "pca/shard_001.safetensors", "flow/model.pt", "samples/manifest.parquet", "report/metrics.json",
                 "report/report.md", "report/tradeoff.png"):
         assert f"{bucket}/runs/smoke/{key}" in names, key
     assert any("/flow/ray_train/" in n for n in names), "Ray Train checkpoints were not stored on S3"

@@ -1,4 +1,8 @@
-"""Stage 2: canonicalize every zoo model onto the reference with Ray Data and an actor pool."""
+"""Stage 2: canonicalize every zoo model onto the reference with Ray Data and an actor pool.
+
+The job streams: the driver holds only manifest rows; each actor reads one checkpoint at a time, matches it
+and writes the result. Every input row gives exactly one output row; a row that fails keeps its error.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +13,11 @@ from dwf_ray import store
 from dwf_ray.archs import ArchSpec, permutation_spec
 from dwf_ray.canon.matching import canonicalize, distance
 from dwf_ray.config import CanonConfig
-from dwf_ray.weights import CheckpointError, load_model_state, save_checkpoint
+from dwf_ray.runtime import chunks
+from dwf_ray.weights import CheckpointError, WeightLayout, load_model_state, row_error, save_checkpoint
+
+_RESULT_COLUMNS = ["canon_uri", "dist_before", "dist_after"]
+_NO_RESULT = {"canon_uri": "", "dist_before": np.nan, "dist_after": np.nan}
 
 
 class Canonicalizer:
@@ -18,21 +26,20 @@ class Canonicalizer:
     def __init__(self, ref_uri: str, arch_json: str, out_dir: str, cfg_json: str):
         import torch
         torch.set_num_threads(1)
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else None
         self.arch = ArchSpec.from_json(arch_json)
         self.cfg = CanonConfig.model_validate_json(cfg_json)
-        ref, _ = load_model_state(ref_uri, self.arch)
         self.spec = permutation_spec(self.arch)
-        from dwf_ray.weights import WeightLayout
         self.param_names = WeightLayout.from_arch(self.arch).names
+        ref, _ = load_model_state(ref_uri, self.arch)
         self.ref = {k: ref[k] for k in self.param_names}
         self.out_dir = out_dir
 
     def one(self, row: dict) -> dict:
-        if row["status"] != "ok":
-            return {"canon_uri": "", "dist_before": np.nan, "dist_after": np.nan}
         state, _ = load_model_state(row["uri"], self.arch)
         if self.cfg.enabled:
-            out, _ = canonicalize(self.spec, self.ref, state, self.cfg.max_iter, self.cfg.seed)
+            out, _ = canonicalize(self.spec, self.ref, state, self.cfg.max_iter, self.cfg.seed,
+                                  residual=self.cfg.residual, device=self.device)
         else:
             out = state
         uri = store.join(self.out_dir, f"{row['model_id']}.safetensors")
@@ -41,52 +48,73 @@ class Canonicalizer:
                 "dist_after": distance(self.ref, out, self.param_names)}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        results = []
+        rows = []
         for row in batch.to_dict("records"):
+            if row["status"] != "ok":
+                rows.append(row | _NO_RESULT)
+                continue
             try:
-                results.append(self.one(row))
-            except CheckpointError as exc:
-                results.append({"canon_uri": "", "dist_before": np.nan, "dist_after": np.nan,
-                                "status": "error", "error": str(exc)})
-        res = pd.DataFrame(results, index=batch.index)
-        out = batch.copy()
-        for col in ("canon_uri", "dist_before", "dist_after"):
-            out[col] = res[col]
-        if "status" in res:
-            failed = res["status"].notna()
-            out.loc[failed, "status"] = "error"
-            out.loc[failed, "error"] = res.loc[failed, "error"]
-        return out
+                rows.append(row | self.one(row))
+            except Exception as exc:             # whatever goes wrong with one model stays in its row
+                rows.append(row | _NO_RESULT | {"status": "error", "error": row_error(row["uri"], exc)})
+        return pd.DataFrame(rows, columns=list(batch.columns) + _RESULT_COLUMNS)
 
 
-def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str) -> pd.DataFrame:
-    """One output row per input row (failed inputs keep their status and error)."""
+def remove_partial_writes(out_dir: str) -> int:
+    """Delete temp files of writes that never finished (a worker killed mid-write); returns how many.
+
+    ``store.write_bytes`` writes a local file under a ``.tmp-`` name and renames it when complete; an S3 object
+    appears only once its upload completes, so there is nothing to clean there.
+    """
+    if not store.is_local(out_dir) or not store.exists(out_dir):
+        return 0
+    leftovers = [u for u in store.list_files(out_dir) if ".tmp-" in u.rsplit("/", 1)[-1]]
+    for uri in leftovers:
+        store.remove(uri)
+    return len(leftovers)
+
+
+def _reference_row(manifest: pd.DataFrame, cfg: CanonConfig) -> pd.Series:
     ok = manifest[manifest["status"] == "ok"].sort_values("model_id")
     if ok.empty:
         raise ValueError("canonicalize: no usable models in the zoo manifest")
     if cfg.reference >= len(ok):
         raise ValueError(f"canonicalize: reference index {cfg.reference} but only {len(ok)} usable models")
     ref_row = ok.iloc[cfg.reference]
-    arch_json = ref_row["arch"]
     try:
-        load_model_state(ref_row["uri"], ArchSpec.from_json(arch_json))
+        load_model_state(ref_row["uri"], ArchSpec.from_json(ref_row["arch"]))
     except CheckpointError as exc:
         raise ValueError(f"canonicalize: the reference model is unusable: {exc}") from exc
-    cols = [c for c in ("model_id", "uri", "status", "error") if c in manifest]
-    ds = ray.data.from_pandas(manifest[cols].astype({"status": str, "error": str}))
+    return ref_row
+
+
+def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str) -> pd.DataFrame:
+    """Canonicalize every usable model of a zoo manifest into ``out_dir``; one output row per input row.
+
+    The actor pool grows from ``cfg.min_actors`` to ``cfg.max_actors`` (None: as far as the cluster allows);
+    actors given GPUs (``cfg.actor_gpus``) match on them. Ray Data shows the progress.
+    """
+    if manifest["model_id"].duplicated().any():
+        raise ValueError("canonicalize: the zoo manifest has duplicate model_id values")
+    ref_row = _reference_row(manifest, cfg)
+    rows = manifest[["model_id", "uri", "status", "error"]].fillna("").astype(str)
+    ds = ray.data.from_pandas(chunks(rows, cfg.batch_size))
+    # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) restart a killed actor and rerun its
+    # unfinished batches; passing them through map_batches is deprecated in Ray 2.60, so they are left as is.
     ds = ds.map_batches(
         Canonicalizer,
-        fn_constructor_kwargs=dict(ref_uri=ref_row["uri"], arch_json=arch_json, out_dir=out_dir,
+        fn_constructor_kwargs=dict(ref_uri=ref_row["uri"], arch_json=ref_row["arch"], out_dir=out_dir,
                                    cfg_json=cfg.model_dump_json()),
         batch_size=cfg.batch_size, batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
     )
     out = ds.to_pandas()
-    merged = manifest.drop(columns=["status", "error"]).merge(out[["model_id", "canon_uri", "dist_before",
-                                                                  "dist_after", "status", "error"]],
-                                                             on="model_id", how="left")
+    remove_partial_writes(out_dir)
+    missing = sorted(set(manifest["model_id"]) - set(out["model_id"]))
+    if missing or len(out) != len(manifest):
+        raise RuntimeError(f"canonicalize: {len(manifest)} rows in, {len(out)} rows out (missing: {missing[:5]})")
+    merged = manifest.drop(columns=["status", "error"]).merge(
+        out[["model_id", *_RESULT_COLUMNS, "status", "error"]], on="model_id", how="left")
     merged["reference_id"] = ref_row["model_id"]
-    if len(merged) != len(manifest):
-        raise RuntimeError(f"canonicalize: {len(manifest)} rows in, {len(merged)} rows out")
     return merged.sort_values("model_id").reset_index(drop=True)

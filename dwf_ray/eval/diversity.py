@@ -39,18 +39,21 @@ def candidates(models: np.ndarray, zoo: np.ndarray, model_logits: np.ndarray, zo
     return np.concatenate(picks, axis=1)
 
 
-def matched_nearest(arch_json: str, zoo: np.ndarray, models: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def matched_nearest(arch_json: str, zoo: np.ndarray, models: np.ndarray, cands: np.ndarray,
+                    residual: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(distance, index) of the nearest zoo model up to permutation: each model is weight-matched onto
-    each of its candidate zoo models and the smallest distance is kept (never more than the direct one)."""
+    each of its candidate zoo models and the smallest distance is kept (never more than the direct one).
+    ``residual``: transformers' residual streams are matched too (as ``canon.residual``)."""
+    from dwf_ray.eval.scoring import task_device
     arch = ArchSpec.from_json(arch_json)
-    layout, spec = WeightLayout.from_arch(arch), permutation_spec(arch)
+    layout, spec, dev = WeightLayout.from_arch(arch), permutation_spec(arch), task_device()
     dist, idx = np.empty(len(models)), np.empty(len(models), dtype=int)
     for r, (vec, row) in enumerate(zip(models, cands)):
         state = layout.unflatten(vec)
         best = (np.inf, -1)
         for j in dict.fromkeys(int(c) for c in row):
             ref = layout.unflatten(zoo[j])
-            moved, _ = canonicalize(spec, ref, state)
+            moved, _ = canonicalize(spec, ref, state, residual=residual, device=dev)
             best = min(best, (distance(ref, moved, layout.names), j))
         dist[r], idx[r] = best
     return dist, idx

@@ -22,10 +22,13 @@ def accuracy_table(rows: dict[str, dict]) -> str:
 
 
 def tradeoff_table(points: list[dict]) -> str:
-    lines = ["| method | setting | mean acc % | novelty ratio | wrong-pred IoU |", "|---|---|---|---|---|"]
+    """One row per set; generator rows also show their margin over the better baseline at equal novelty."""
+    lines = ["| method | setting | mean acc % | novelty ratio | wrong-pred IoU | vs best baseline |",
+             "|---|---|---|---|---|---|"]
     for p in points:
         iou = f"{p['iou']:.3f}" if p.get("iou") is not None else "-"
-        lines.append(f"| {p['method']} | {p['setting']} | {p['acc']:.2f} | {p['novelty']:.3f} | {iou} |")
+        margin = f"{p['margin']:+.2f}" if p.get("margin") is not None else "-"
+        lines.append(f"| {p['method']} | {p['setting']} | {p['acc']:.2f} | {p['novelty']:.3f} | {iou} | {margin} |")
     return "\n".join(lines)
 
 
@@ -89,9 +92,12 @@ def write_report(report_dir: str, metrics: dict, zoo_acc: np.ndarray, gen_acc: n
     op = metrics["operating_point"]
     verdict = "PASS" if op["accepted"] else "FAIL"
     timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in metrics.get("timings", {}).items())
+    model = metrics.get("model")
+    model_line = (f"Models: `{model['family']}` ({model['n_params']:,} parameters) on `{model['dataset']}`.\n"
+                  if model else "")
     md = f"""# dwf-ray report: {metrics['preset']}
 
-Run root: `{metrics['root']}`. Test split only for this report; models were selected on validation data,
+{model_line}Run root: `{metrics['root']}`. Test split only for this report; models were selected on validation data,
 BatchNorm (when present) recalibrated on the training split.
 
 ## Accuracy (test split)
@@ -122,7 +128,8 @@ zoo candidates).
 Operating point (temperature {op['temperature']}): accuracy {op['acc']:.2f} % at novelty {op['novelty']:.3f};
 noise baseline at equal novelty {op['noise_acc_at_novelty']:.2f} %, interpolation baseline
 {op['interp_acc_at_novelty']:.2f} %. Beats both baselines with novelty >= 0.25: **{verdict}**.
-Gap to the zoo mean: {op['gap_to_zoo']:.2f} points.
+Gap to the zoo mean: {op['gap_to_zoo']:.2f} points. Generator settings that beat both baselines with
+novelty >= 0.25: {', '.join(op.get('passing_settings') or []) or 'none'}.
 
 ## Stage times (seconds)
 

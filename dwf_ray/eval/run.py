@@ -14,11 +14,14 @@ from dwf_ray.flow.sample import generate
 from dwf_ray.weights import WeightLayout
 
 
-def canonicalize_flat(arch: ArchSpec, ref: np.ndarray, flat: np.ndarray) -> np.ndarray:
-    """Weight-match each flat model onto the reference (to measure distances in canonical space)."""
-    layout, spec = WeightLayout.from_arch(arch), permutation_spec(arch)
+def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residual: bool = False) -> tuple[np.ndarray]:
+    """Weight-match (TransFusion for attention) each flat model onto the reference: (canonical flat models,)."""
+    from dwf_ray.eval.scoring import task_device
+    arch = ArchSpec.from_json(arch_json)
+    layout, spec, dev = WeightLayout.from_arch(arch), permutation_spec(arch), task_device()
     ref_state = layout.unflatten(ref)
-    return np.stack([layout.flatten(canonicalize(spec, ref_state, layout.unflatten(v))[0]) for v in flat])
+    return (np.stack([layout.flatten(canonicalize(spec, ref_state, layout.unflatten(v), residual=residual, device=dev)[0])
+                      for v in flat]),)
 
 
 def baseline_at(points: list[dict], method: str, nov: float) -> float:
@@ -44,14 +47,17 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
     for w in ec.mix_weights:
         sets[f"mix_{w:g}"] = interpolation_baseline(zoo, w, ec.n_baseline, ec.seed)
         labels[f"mix_{w:g}"] = ("interpolation", f"w={w:g}")
-    if no_canon is not None:
-        sets["no_canon"] = canonicalize_flat(arch, reference, no_canon)
+    if no_canon is not None:   # aligned onto the reference afterwards, so that distances compare
+        sets["no_canon"] = map_chunks(canonicalize_flat, {"no_canon": ((arch.to_json(), reference), (no_canon,))},
+                                      "eval: aligning no-canon samples", num_gpus=ec.num_gpus,
+                                      residual=cfg.canon.residual)["no_canon"][0]
         labels["no_canon"] = ("generator (no canon)", f"T={sc.temperature:g}")
     scores = score_many(arch, cfg.zoo, ec, sets)
     zoo_acc, zoo_wrong, zoo_logits = scores["zoo"]
     nn = map_chunks(matched_nearest, {
-        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, exclude_self=key == "zoo")))
-        for key, flat in sets.items()}, "eval: nearest zoo models")
+        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, ec.nn_candidates,
+                                                       exclude_self=key == "zoo")))
+        for key, flat in sets.items()}, "eval: nearest zoo models", num_gpus=ec.num_gpus, residual=cfg.canon.residual)
     unit = float(np.median(nn["zoo"][0]))   # the zoo's own median NN distance (up to permutation)
 
     points = []
@@ -60,14 +66,20 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
         dist, idx = nn[key]
         points.append({"method": method, "setting": setting, "key": key, "acc": float(acc.mean() * 100),
                        "novelty": float(np.median(dist) / unit), "iou": float(wrong_iou(wrong, zoo_wrong[idx]).mean())})
+    for p in points:   # generator minus the better baseline at the same novelty
+        if p["method"].startswith("generator"):
+            p["margin"] = p["acc"] - max(baseline_at(points, "noise", p["novelty"]),
+                                         baseline_at(points, "interpolation", p["novelty"]))
     op = next(p for p in points if p["key"] == "generated")
     noise_acc, interp_acc = baseline_at(points, "noise", op["novelty"]), baseline_at(points, "interpolation", op["novelty"])
+    passing = [p["setting"] for p in points if p["method"] == "generator" and p["novelty"] >= 0.25 and p["margin"] > 0]
     gen_acc = scores["generated"][0]
     accuracy = {"zoo": summary(zoo_acc), "generated": summary(gen_acc)}
     if no_canon is not None:
         accuracy["generated_no_canon"] = summary(scores["no_canon"][0])
     metrics = {
         "preset": cfg.preset,
+        "model": {"family": arch.family, "args": arch.args, "n_params": int(zoo.shape[1]), "dataset": cfg.zoo.dataset},
         "accuracy": accuracy,
         "diversity": {"zoo_nn_median": unit, "zoo_nn_median_direct": zoo_median, "novelty_ratio": op["novelty"],
                       "gen_nn_dist_median": float(np.median(nn["generated"][0])),
@@ -80,6 +92,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
         "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
                             "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,
                             "gap_to_zoo": accuracy["zoo"]["mean"] - op["acc"],
-                            "accepted": bool(op["novelty"] >= 0.25 and op["acc"] > max(noise_acc, interp_acc))},
+                            "accepted": bool(op["novelty"] >= 0.25 and op["acc"] > max(noise_acc, interp_acc)),
+                            "passing_settings": passing},   # every temperature that passes
     }
     return metrics, {"zoo": zoo_acc, "generated": gen_acc}

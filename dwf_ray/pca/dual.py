@@ -23,6 +23,13 @@ class Eigen:
         return self.values / self.total
 
 
+def centre_gram(gram: np.ndarray) -> np.ndarray:
+    """H G H with H = I - 11^T/n: the Gram matrix of the column-centred rows."""
+    g = np.asarray(gram, dtype=np.float64)
+    g = g - g.mean(axis=0, keepdims=True)
+    return g - g.mean(axis=1, keepdims=True)
+
+
 def top_eigen(gram_centered: np.ndarray, k: int | None = None, variance_target: float | None = None) -> Eigen:
     """Exact ``eigh`` of the n x n matrix; k fixed, or the smallest k reaching ``variance_target``."""
     n = len(gram_centered)
@@ -41,10 +48,15 @@ def top_eigen(gram_centered: np.ndarray, k: int | None = None, variance_target: 
     return Eigen(vals[:k].copy(), np.ascontiguousarray(vecs[:, :k]), total)
 
 
+def component_weights(eig: Eigen) -> np.ndarray:
+    """W = U Lambda^-1/2 (n, k): the components are V = X_c^T W."""
+    return eig.vectors / np.sqrt(eig.values)
+
+
 def slice_components(x_slice: np.ndarray, mean_slice: np.ndarray, eig: Eigen) -> np.ndarray:
     """V_k = (X_k - mean_k)^T U Lambda^-1/2 for one column slice: (d_k, k) unit-norm columns overall."""
     xc = np.asarray(x_slice, dtype=np.float64) - mean_slice
-    return (xc.T @ eig.vectors) / np.sqrt(eig.values)
+    return xc.T @ component_weights(eig)
 
 
 def latents(eig: Eigen) -> np.ndarray:

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, build_model
+from dwf_ray.runtime import chunks
 from dwf_ray.config import ZooConfig
 from dwf_ray.data import dataset_for
 from dwf_ray.eval.accuracy import accuracy
 from dwf_ray.runtime import wait_with_progress
-from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, row_error, save_checkpoint
 
 MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "sha256",
                     "train_acc", "val_acc", "test_acc", "status", "error"]
@@ -92,25 +93,41 @@ def run_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
-def import_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str) -> pd.DataFrame:
-    """Import a folder or S3 prefix of safetensors / PyTorch state_dict files as a zoo.
+IMPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def _import_batch(batch: pd.DataFrame, arch_json: str) -> pd.DataFrame:
+    """Validate each source checkpoint against the ArchSpec and write it as a safetensors zoo member."""
+    arch = ArchSpec.from_json(arch_json)
+    rows = []
+    for row in batch.to_dict("records"):
+        try:
+            state, _ = load_model_state(row["source_uri"], arch)
+            row.update(n_params=int(sum(v.size for v in state.values())), status="ok", error="",
+                       sha256=save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"]}))
+        except Exception as exc:  # a bad file becomes an error row naming it; the import goes on
+            row.update(uri=row["source_uri"], n_params=0, sha256="", status="error",
+                       error=row_error(row["source_uri"], exc))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def import_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str, batch_size: int = 16) -> pd.DataFrame:
+    """Import a folder or S3 prefix of safetensors / PyTorch state_dict files as a zoo, in parallel Ray tasks.
 
     Every file gets a manifest row; files that fail validation keep status "error" and their reason.
     """
-    files = store.list_files(source, (".safetensors", ".pt", ".pth", ".bin"))
+    files = store.list_files(source, IMPORT_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{source}: no .safetensors, .pt, .pth or .bin checkpoints found")
-    rows = []
-    for i, src in enumerate(files):
-        model_id = f"m{i:05d}"
-        row = dict.fromkeys(MANIFEST_COLUMNS)
-        row.update(model_id=model_id, uri=store.join(out_dir, f"{model_id}.safetensors"), arch=arch.to_json(),
-                   dataset=dataset, seed=-1, status="ok", error="", source_uri=src)
-        try:
-            state, _ = load_model_state(src, arch)
-            row["n_params"] = int(sum(v.size for k, v in state.items()))
-            row["sha256"] = save_checkpoint(row["uri"], state, arch, extra={"source": src})
-        except CheckpointError as exc:
-            row.update(status="error", error=str(exc), uri=src)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    ids = [f"m{i:05d}" for i in range(len(files))]
+    todo = pd.DataFrame({"model_id": ids, "source_uri": files,
+                         "uri": [store.join(out_dir, f"{m}.safetensors") for m in ids]})
+    ds = ray.data.from_pandas(chunks(todo, batch_size))
+    done = ds.map_batches(_import_batch, fn_kwargs={"arch_json": arch.to_json()}, batch_size=batch_size,
+                          batch_format="pandas").to_pandas()
+    if len(done) != len(todo):
+        raise RuntimeError(f"import: {len(todo)} files in, {len(done)} rows out")
+    man = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri"])
+    man["arch"], man["dataset"], man["seed"] = arch.to_json(), dataset, -1
+    return man.sort_values("model_id").reset_index(drop=True)

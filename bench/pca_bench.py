@@ -1,0 +1,435 @@
+"""Benchmark of the distributed dual PCA (GramShard actors) on synthetic zoos of safetensors checkpoints.
+
+In one run, on this machine:
+- our fit with 2 actors and with 1 (one CPU and one BLAS thread each);
+- the paper's algorithm (bench/paper_baseline.py: models streamed as rows, float16 Gram, randomized SVD)
+  with the memory of our 2 actors;
+- scikit-learn's PCA and IncrementalPCA on the largest set of whole tensors that fits --sklearn-max-gib,
+  and our fit on the same tensors;
+- the machine's limit: the time to read the zoo's bytes once plus 2 n^2 d flops at the float32 BLAS rate of
+  an (n x B) @ (B x n) product measured here (per core, the best of a measurement before and after the
+  contestants); the full fit is compared with that limit plus its components' work (2 n k d flops, and
+  the d x k floats written once).
+Every contestant runs one BLAS thread per process (on a shared, oversubscribed machine multi-threaded BLAS
+collapses), and CPU seconds are reported beside wall seconds, as they are robust to other load.
+Prints a table and the ratios; writes bench/results/pca_bench.json (one entry per configuration) and
+bench/results/pca_bench_<arch>_n<n>.png.
+
+    python bench/pca_bench.py                                # n = 100 ResNet-18 checkpoints, d = 11.2M
+    python bench/pca_bench.py --arch bert-base --n 32        # d = 109.5M (writes 14 GB, deleted afterwards)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+
+# Ray workers run at niceness 15 by default; the baseline and scikit-learn run in plain child processes,
+# so on a shared machine every contestant gets the same priority only with niceness 0 for the workers too.
+for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+GIB = 1 << 30
+
+
+# ---------------------------------------------------------------- synthetic checkpoints
+
+def resnet18_shapes(width: int = 64, classes: int = 10) -> list[tuple[str, tuple]]:
+    """Parameter shapes of a CIFAR ResNet-18 (3x3 stem): 11.17M parameters at width 64."""
+    shapes = [("conv1.weight", (width, 3, 3, 3)), ("bn1.weight", (width,)), ("bn1.bias", (width,))]
+    cin = width
+    for stage, mult in enumerate((1, 2, 4, 8), start=1):
+        cout = width * mult
+        for blk in range(2):
+            p = f"layer{stage}.{blk}"
+            c_in = cin if blk == 0 else cout
+            shapes += [(f"{p}.conv1.weight", (cout, c_in, 3, 3)), (f"{p}.bn1.weight", (cout,)),
+                       (f"{p}.bn1.bias", (cout,)), (f"{p}.conv2.weight", (cout, cout, 3, 3)),
+                       (f"{p}.bn2.weight", (cout,)), (f"{p}.bn2.bias", (cout,))]
+            if blk == 0 and c_in != cout:
+                shapes += [(f"{p}.downsample.0.weight", (cout, c_in, 1, 1)),
+                           (f"{p}.downsample.1.weight", (cout,)), (f"{p}.downsample.1.bias", (cout,))]
+        cin = cout
+    return shapes + [("fc.weight", (classes, cin)), ("fc.bias", (classes,))]
+
+
+def bert_shapes(layers: int = 12, hidden: int = 768, vocab: int = 30522) -> list[tuple[str, tuple]]:
+    """Parameter shapes of BERT-Base with its pooler: 109.5M parameters."""
+    h, f = hidden, 4 * hidden
+    shapes = [("embeddings.word_embeddings.weight", (vocab, h)), ("embeddings.position_embeddings.weight", (512, h)),
+              ("embeddings.token_type_embeddings.weight", (2, h)),
+              ("embeddings.LayerNorm.weight", (h,)), ("embeddings.LayerNorm.bias", (h,))]
+    for i in range(layers):
+        p = f"encoder.layer.{i}"
+        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes += [(f"{p}.{m}.weight", (h, h)), (f"{p}.{m}.bias", (h,))]
+        shapes += [(f"{p}.attention.output.LayerNorm.weight", (h,)), (f"{p}.attention.output.LayerNorm.bias", (h,)),
+                   (f"{p}.intermediate.dense.weight", (f, h)), (f"{p}.intermediate.dense.bias", (f,)),
+                   (f"{p}.output.dense.weight", (h, f)), (f"{p}.output.dense.bias", (h,)),
+                   (f"{p}.output.LayerNorm.weight", (h,)), (f"{p}.output.LayerNorm.bias", (h,))]
+    return shapes + [("pooler.dense.weight", (h, h)), ("pooler.dense.bias", (h,))]
+
+
+ARCHS = {"resnet18": resnet18_shapes, "bert-base": bert_shapes,
+         "resnet18-small": lambda: resnet18_shapes(width=16)}     # 0.7M: a quick check of the script
+
+
+def make_layout(shapes):
+    from dwf_ray.weights import Entry, WeightLayout
+    entries, off = [], 0
+    for name, shape in shapes:
+        entries.append(Entry(name, tuple(shape), off))
+        off += int(np.prod(shape))
+    return WeightLayout(entries)
+
+
+def write_zoo(root: str, layout, n: int, bert_like: bool, seed: int = 0) -> list[str]:
+    """n checkpoints: a shared initialisation-scale base, two shared directions and per-model noise."""
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    scale = np.empty(layout.size, dtype=np.float32)
+    base = rng.standard_normal(layout.size, dtype=np.float32)
+    for e in layout.entries:
+        s = slice(e.offset, e.offset + e.numel)
+        fan_in = int(np.prod(e.shape[1:])) if len(e.shape) > 1 else 0
+        scale[s] = 0.02 if bert_like or not fan_in else np.sqrt(2.0 / fan_in)
+        base[s] = base[s] * scale[s] + (1.0 if e.name.endswith("weight") and not fan_in else 0.0)
+    dirs = [0.1 * scale * rng.standard_normal(layout.size, dtype=np.float32) for _ in range(2)]
+    os.makedirs(root, exist_ok=True)
+    uris = []
+    for i in range(n):
+        x = rng.standard_normal(layout.size, dtype=np.float32)
+        x *= 0.05 * scale
+        x += base
+        for c, v in zip(rng.normal(size=len(dirs)), dirs):
+            x += np.float32(c) * v
+        uris.append(os.path.join(root, f"m{i:03d}.safetensors"))
+        save_file(layout.unflatten(x), uris[-1])
+    return uris
+
+
+# ---------------------------------------------------------------- machine limits
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of fn()."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def read_once(uris: list[str]) -> None:
+    """Sequential read of every file once into one reusable buffer."""
+    buf = bytearray(64 << 20)
+    for u in uris:
+        with open(u, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def write_once(path: str, nbytes: int) -> None:
+    """Sequential write of ``nbytes`` (the size of the components) through the page cache; the file is removed."""
+    buf = np.ones(64 << 20, dtype=np.uint8)
+    with open(path, "wb") as f:
+        for start in range(0, nbytes, buf.size):
+            f.write(buf[:min(buf.size, nbytes - start)].data)
+    os.remove(path)
+
+
+def blas_seconds_per_flop(n: int, columns: int, threads: int, reps: int = 3) -> tuple[float, float]:
+    """(wall, CPU) seconds per flop of a float32 (n x columns) @ (columns x n) product on ``threads`` threads."""
+    from threadpoolctl import threadpool_limits
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, columns), dtype=np.float32)
+    b = rng.standard_normal((n, columns), dtype=np.float32)
+    with threadpool_limits(threads, user_api="blas"):
+        a @ b.T
+        wall, cpu = min(timed(lambda: a @ b.T) for _ in range(reps))
+    return wall / (2 * n * n * columns), cpu / (2 * n * n * columns)
+
+
+# ---------------------------------------------------------------- the contestants
+
+def run_ours(uris: list[str], layout, n_shards: int, budget: int, k: int, out_dir: str) -> dict:
+    """Our fit with ``n_shards`` actors of one CPU (one BLAS thread) each."""
+    from dwf_ray.config import PCAConfig
+    from dwf_ray.pca.shards import fit_distributed_pca
+    cfg = PCAConfig(k=k, n_shards=n_shards, shard_cpus=1, memory_budget_bytes=budget)
+    marks = {}
+    t0 = time.perf_counter()
+    meta = fit_distributed_pca(uris, [str(i) for i in range(len(uris))], layout, cfg, out_dir,
+                               on_stage=lambda stage, actors: marks.__setitem__(stage, time.perf_counter()))
+    total = time.perf_counter() - t0
+    shards = meta["shards"]
+    shutil.rmtree(out_dir)
+    return {"seconds_to_latents": marks["components"] - t0, "seconds": total,
+            "cpu_seconds_to_latents": sum(s["cpu_seconds"]["gram_pass"] for s in shards),
+            "cpu_seconds": sum(sum(s["cpu_seconds"].values()) for s in shards),
+            "bytes_read": sum(s["bytes_read"] for s in shards), "passes": max(s["passes"] for s in shards),
+            "block": shards[0]["block"], "cached": shards[0]["cached"],
+            "planned_bytes_per_actor": max(s["planned_bytes"] for s in shards),
+            "peak_rss_per_actor": max(s["peak_rss_bytes"] for s in shards),
+            "data_rss_per_actor": max(s["peak_rss_bytes"] - s["rss_at_start_bytes"] for s in shards),
+            "actor_seconds": [s["seconds"] for s in shards], "eigenvalues": meta["eigenvalues"]}
+
+
+def _child(fn, kwargs: dict, queue) -> None:
+    import paper_baseline  # noqa: F401  (imports outside the timed and measured part)
+    import sklearn.decomposition  # noqa: F401
+    from threadpoolctl import threadpool_limits
+    from dwf_ray.pca.gram import peak_rss
+    rss0 = peak_rss()
+    c0 = time.process_time()
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            out = fn(**kwargs)
+    except Exception as exc:  # reported in the table
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    out["cpu_seconds_to_latents"] = time.process_time() - c0
+    out["peak_rss_per_actor"] = peak_rss()
+    out["data_rss_per_actor"] = out["peak_rss_per_actor"] - rss0
+    queue.put(out)
+
+
+def in_child(fn, **kwargs) -> dict:
+    """Run ``fn`` in a fresh process on one BLAS thread, so that its peak memory and CPU time are its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn, kwargs, queue))
+    p.start()
+    out = queue.get()
+    p.join()
+    return out
+
+
+def paper_run(uris, entries, k, block) -> dict:
+    from paper_baseline import paper_fit
+    r = paper_fit(uris, entries, k, block)
+    r["seconds_to_latents"] = r.pop("seconds")
+    r["eigenvalues"] = r["eigenvalues"].tolist()
+    del r["latents"]
+    return r
+
+
+def read_matrix(uris, entries) -> tuple[np.ndarray, int]:
+    from safetensors import safe_open
+    d = entries[-1][1] + entries[-1][2]
+    x = np.empty((len(uris), d), dtype=np.float32)
+    nbytes = 0
+    for row, u in zip(x, uris):
+        with safe_open(u, framework="numpy") as f:
+            for name, offset, numel in entries:
+                row[offset:offset + numel] = f.get_tensor(name).reshape(-1)
+                nbytes += 4 * numel
+    return x, nbytes
+
+
+def sklearn_run(uris, entries, k, kind) -> dict:
+    """scikit-learn's PCA or IncrementalPCA (one batch of all n models) on the matrix read from the files."""
+    from sklearn.decomposition import PCA, IncrementalPCA
+    t0 = time.perf_counter()
+    x, nbytes = read_matrix(uris, entries)
+    model = PCA(n_components=k, svd_solver="full") if kind == "PCA" else IncrementalPCA(n_components=k,
+                                                                                           batch_size=len(x))
+    model.fit(x)
+    total = time.perf_counter() - t0
+    return {"seconds_to_latents": total, "seconds": total, "bytes_read": nbytes,
+            "eigenvalues": (model.explained_variance_ * (len(x) - 1)).tolist()}
+
+
+# ---------------------------------------------------------------- report
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b) / np.abs(b))) if np.isfinite(a).all() else float("nan")
+
+
+def _fmt(v, spec: str, width: int) -> str:
+    return format(v, spec) if v is not None else "-".rjust(width)
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'method':36s} {'cores':>5s} {'d':>11s} {'latents s':>9s} {'total s':>8s} {'CPU s lat.':>10s} "
+            f"{'CPU s':>7s} {'read GB':>8s} {'passes':>6s} {'peak RSS MB':>11s} {'data MB':>8s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:36s} {r['cores']:5d} {r['d']:>11,d}  failed: {r['error']}")
+            continue
+        print(f"{r['method']:36s} {r['cores']:5d} {r['d']:>11,d} {r['seconds_to_latents']:9.1f} "
+              f"{_fmt(r.get('seconds'), '8.1f', 8)} {r['cpu_seconds_to_latents']:10.1f} "
+              f"{_fmt(r.get('cpu_seconds'), '7.1f', 7)} {r['bytes_read'] / 1e9:8.2f} "
+              f"{r['bytes_read'] / r['zoo_param_bytes']:6.2f} {r['peak_rss_per_actor'] / 2**20:11.0f} "
+              f"{r['data_rss_per_actor'] / 2**20:8.0f}")
+
+
+def plot(rows: list[dict], limits: dict, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    full = [r for r in rows if "error" not in r and "subset" not in r["method"]]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(full) + 2))
+    names = [f"{r['method']} ({r['cores']} core{'s' * (r['cores'] > 1)})" for r in full]
+    lat = [r["seconds_to_latents"] for r in full]
+    ax.barh(names, lat, label="to latents (Gram + eigh)")
+    ax.barh(names, [(r.get("seconds") or t) - t for r, t in zip(full, lat)], left=lat, label="components")
+    for cores, style in ((1, ":"), (2, "--")):
+        ax.axvline(limits[f"wall_to_latents_{cores}_cores"], color="k", ls=style,
+                   label=f"limit, {cores} core{'s' * (cores > 1)}: read once + 2n²d flops")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall seconds (log)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet18")
+    ap.add_argument("--n", type=int, default=100, help="models in the zoo")
+    ap.add_argument("--k", type=int, default=None, help="components (default n - 1)")
+    ap.add_argument("--budget-gib", type=float, default=1.0, help="memory budget of one GramShard actor")
+    ap.add_argument("--sklearn-max-gib", type=float, default=3.0, help="memory scikit-learn may use")
+    ap.add_argument("--workdir", default=None, help="folder for the zoo (default: a temporary folder)")
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+
+    layout = make_layout(ARCHS[args.arch]())
+    n, d = args.n, layout.size
+    k = args.k or n - 1
+    budget = int(args.budget_gib * GIB)
+    work = os.path.join(args.workdir or tempfile.gettempdir(), f"pca_bench-{uuid.uuid4().hex[:8]}")
+    result = {"arch": args.arch, "n": n, "d": d, "k": k, "budget_bytes_per_actor": budget,
+              "load_average_start": os.getloadavg()}
+    print(f"{args.arch}: n={n} models, d={d:,} parameters, k={k}; zoo of {4 * n * d / 1e9:.1f} GB in {work}")
+    try:
+        t0 = time.perf_counter()
+        uris = write_zoo(os.path.join(work, "zoo"), layout, n, args.arch.startswith("bert"))
+        print(f"zoo written in {time.perf_counter() - t0:.0f} s")
+        zoo_bytes = sum(os.path.getsize(u) for u in uris)
+
+        # the machine's limits, wall clock for 1 and 2 cores and CPU time (robust to a shared machine)
+        read_wall, read_cpu = timed(lambda: read_once(uris))
+        write_wall, write_cpu = timed(lambda: write_once(os.path.join(work, "write_test"), 4 * k * d))
+        spf_wall, spf_cpu = blas_seconds_per_flop(n, min(d, 1 << 20), threads=1)
+        spf_wall_2, _ = blas_seconds_per_flop(n, min(d, 1 << 20), threads=2)
+        print(f"machine: zoo read once in {read_wall:.1f} s ({zoo_bytes / read_wall / 1e9:.2f} GB/s), components "
+              f"({4 * k * d / 1e9:.1f} GB) written once in {write_wall:.1f} s, float32 BLAS "
+              f"{1e-9 / spf_wall:.1f} GFLOP/s on 1 thread ({1e-9 / spf_wall_2:.1f} on 2)")
+
+        import ray
+        ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
+        rows = []
+        for shards in (2, 1):
+            r = run_ours(uris, layout, shards, budget, k, os.path.join(work, f"pca{shards}"))
+            rows.append({"method": f"ours, {shards} actor{'s' * (shards > 1)}", "cores": shards, "d": d,
+                         "load_average_1min": os.getloadavg()[0]} | r)
+            print(f"  {rows[-1]['method']}: {r['seconds_to_latents']:.1f} s to latents, {r['seconds']:.1f} s in all")
+        ours2, ours1 = rows
+        entries = [(e.name, e.offset, e.numel) for e in layout.entries]
+        paper = None
+        if not args.skip_baseline:
+            block = max(1, int(2 * budget // (2 * 2 * d)))     # two float16 model blocks in our 2 actors' budget
+            paper = in_child(paper_run, uris=uris, entries=entries, k=k, block=block)
+            rows.append({"method": f"paper: fp16 Gram, {block}-model blocks", "cores": 1, "d": d,
+                         "seconds": None, "load_average_1min": os.getloadavg()[0]} | paper)
+            print(f"  paper's algorithm: {paper.get('seconds_to_latents', float('nan')):.1f} s to latents")
+
+        # scikit-learn holds X, its centred copy, V^T and LAPACK's workspace: about 16 n d' bytes; where the
+        # whole model does not fit, it gets the tensors (in order, whole) that fit, and so does our fit
+        from dwf_ray.weights import Entry, WeightLayout
+        keep, size = [], 0
+        for e in layout.entries:
+            if 16 * n * (size + e.numel) <= args.sklearn_max_gib * GIB:
+                keep.append(Entry(e.name, e.shape, size))
+                size += e.numel
+        if size < d:
+            print(f"  scikit-learn on all {d:,} parameters needs ~{16 * n * d / GIB:.0f} GiB > "
+                  f"{args.sklearn_max_gib} GiB: run on {len(keep)} of the {len(layout.entries)} tensors "
+                  f"({size:,} parameters), with our fit on the same subset")
+        subset = run_ours(uris, WeightLayout(keep), 1, budget, k, os.path.join(work, "pca_subset"))
+        rows.append({"method": "ours on subset, 1 actor", "cores": 1, "d": size} | subset)
+        sk = {}
+        for kind in ("PCA", "IncrementalPCA"):
+            sk[kind] = in_child(sklearn_run, uris=uris, entries=[(e.name, e.offset, e.numel) for e in keep], k=k,
+                                kind=kind)
+            rows.append({"method": f"sklearn {kind} on subset", "cores": 1, "d": size, "load_average_1min":
+                         os.getloadavg()[0]} | sk[kind])
+
+        spf_wall_end, spf_cpu_end = blas_seconds_per_flop(n, min(d, 1 << 20), threads=1)
+        spf_wall, spf_cpu = min(spf_wall, spf_wall_end), min(spf_cpu, spf_cpu_end)
+        gram_flops, comp_flops = 2 * n * n * d, 2 * n * k * d
+        limits = {"cpu_to_latents": read_cpu + gram_flops * spf_cpu,
+                  "cpu_total": read_cpu + (gram_flops + comp_flops) * spf_cpu + write_cpu}
+        for cores in (1, 2):
+            limits[f"wall_to_latents_{cores}_cores"] = read_wall + gram_flops * spf_wall / cores
+            limits[f"wall_total_{cores}_cores"] = read_wall + (gram_flops + comp_flops) * spf_wall / cores + write_wall
+        result |= {"zoo_bytes": zoo_bytes, "read_once_seconds": read_wall, "read_GBps": zoo_bytes / read_wall / 1e9,
+                   "write_components_once_seconds": write_wall, "blas_gflops_1_thread": 1e-9 / spf_wall,
+                   "blas_gflops_1_thread_cpu_time": 1e-9 / spf_cpu, "blas_gflops_2_threads": 1e-9 / spf_wall_2,
+                   "limits_seconds": limits}
+        print(f"\nlimit (best BLAS rate {1e-9 / spf_wall:.1f} GFLOP/s per core): to latents "
+              f"{limits['wall_to_latents_2_cores']:.1f} s on 2 cores, {limits['wall_to_latents_1_cores']:.1f} s on 1; "
+              f"with components {limits['wall_total_2_cores']:.1f} s on 2 cores")
+        for r in rows:
+            r["zoo_param_bytes"] = 4 * n * r["d"]
+        print()
+        print_table(rows)
+        lim = limits
+        ratios = {"ours_2_actors_to_latents_over_limit": ours2["seconds_to_latents"] / lim["wall_to_latents_2_cores"],
+                  "ours_2_actors_total_over_limit_with_components": ours2["seconds"] / lim["wall_total_2_cores"],
+                  "ours_1_actor_to_latents_over_limit": ours1["seconds_to_latents"] / lim["wall_to_latents_1_cores"],
+                  "ours_1_actor_total_over_limit_with_components": ours1["seconds"] / lim["wall_total_1_cores"],
+                  "ours_2_actors_cpu_to_latents_over_limit": ours2["cpu_seconds_to_latents"] / lim["cpu_to_latents"],
+                  "ours_2_actors_cpu_total_over_limit": ours2["cpu_seconds"] / lim["cpu_total"],
+                  "speedup_2_actors_over_1": ours1["seconds"] / ours2["seconds"],
+                  "ours_bytes_read_passes": ours2["bytes_read"] / (4 * n * d),
+                  "ours_peak_data_rss_over_budget": ours2["data_rss_per_actor"] / budget,
+                  "ours_peak_rss_over_budget": ours2["peak_rss_per_actor"] / budget}
+        if paper and "error" not in paper:
+            t_paper = paper["seconds_to_latents"]
+            ratios |= {"speedup_vs_paper_to_latents_same_core": t_paper / ours1["seconds_to_latents"],
+                       "speedup_vs_paper_to_latents_2_actors": t_paper / ours2["seconds_to_latents"],
+                       "speedup_vs_paper_cpu_time": paper["cpu_seconds_to_latents"] / ours1["cpu_seconds_to_latents"],
+                       "paper_top10_eigenvalue_max_rel_err_vs_ours": rel_err(paper["eigenvalues"][:10],
+                                                                             ours2["eigenvalues"][:10]),
+                       "paper_eigenvalue_max_rel_err_vs_ours": rel_err(paper["eigenvalues"], ours2["eigenvalues"])}
+        for kind, r in sk.items():
+            if "error" not in r:
+                ratios[f"speedup_vs_sklearn_{kind}_on_subset_same_core"] = r["seconds"] / subset["seconds"]
+                ratios[f"sklearn_{kind}_eigenvalue_max_rel_err_vs_ours"] = rel_err(subset["eigenvalues"],
+                                                                                   r["eigenvalues"])
+        print()
+        for key, v in ratios.items():
+            print(f"{key:52s} {v:8.3f}")
+        result |= {"rows": rows, "ratios": ratios, "load_average_end": os.getloadavg()}
+        out_dir = os.path.join(HERE, "results")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "pca_bench.json")
+        saved = json.load(open(path)) if os.path.exists(path) else {}
+        saved[f"{args.arch}_n{n}"] = result
+        with open(path, "w") as f:
+            json.dump(saved, f, indent=1, default=float)
+        plot(rows, limits, os.path.join(out_dir, f"pca_bench_{args.arch}_n{n}.png"),
+             f"dual PCA, n={n}, d={d / 1e6:.1f}M, k={k}")
+        print(f"\nwrote {path}")
+    finally:
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

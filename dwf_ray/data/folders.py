@@ -1,0 +1,130 @@
+"""Datasets the user provides under a folder or s3:// prefix (``data_root``), in torchvision's on-disk formats.
+
+Nothing is downloaded from the internet: files are read where they are (local) or copied once from S3 into a
+local cache (``DWF_DATA_CACHE``, default ``~/.cache/dwf-ray/data``).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+
+import numpy as np
+
+from dwf_ray import store
+
+
+def fetch(uri: str) -> bytes:
+    """A file's bytes; files on S3 are cached locally (written atomically) so each is downloaded once."""
+    if store.is_local(uri):
+        if not os.path.exists(uri.removeprefix("file://")):
+            raise FileNotFoundError(f"{uri}: file not found")
+        return store.read_bytes(uri)
+    cache = os.path.join(os.environ.get("DWF_DATA_CACHE", os.path.expanduser("~/.cache/dwf-ray/data")),
+                         hashlib.sha256(uri.encode()).hexdigest()[:20] + "-" + uri.rsplit("/", 1)[-1])
+    if not os.path.exists(cache):
+        if not store.exists(uri):
+            raise FileNotFoundError(f"{uri}: file not found")
+        store.write_bytes(cache, store.read_bytes(uri))
+    return store.read_bytes(cache)
+
+
+def find_folder(data_root: str | None, dataset: str, folder: str, required: list[str]) -> str:
+    """``data_root/folder`` (torchvision's layout) or ``data_root`` itself, whichever holds the required files."""
+    if not data_root:
+        raise ValueError(f"dataset {dataset!r} is read from a folder or S3 prefix: set zoo.data_root")
+    for cand in (store.join(data_root, folder), data_root.rstrip("/")):
+        if all(store.exists(store.join(cand, f)) or store.exists(store.join(cand, f + ".gz")) for f in required):
+            return cand
+    raise FileNotFoundError(f"{dataset}: expected {', '.join(required)} in {store.join(data_root, folder)} "
+                            f"or {data_root} (torchvision's on-disk format; nothing is downloaded)")
+
+
+# -- CIFAR-10 (python pickle batches) ------------------------------------------------------------------
+def _cifar_batch(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = pickle.loads(fetch(uri), encoding="latin1")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d["labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
+        raise ValueError(f"{uri}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
+    if len(x) != len(y):
+        raise ValueError(f"{uri}: {len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def load_cifar10(data_root: str | None):
+    """((train images, labels), (test images, labels)); images uint8 (N, 3, 32, 32)."""
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    folder = find_folder(data_root, "cifar10", "cifar-10-batches-py", train_files + ["test_batch"])
+    parts = [_cifar_batch(store.join(folder, f)) for f in train_files]
+    train = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return train, _cifar_batch(store.join(folder, "test_batch"))
+
+
+# -- MNIST / Fashion-MNIST (IDX files, optionally gzipped) ------------------------------------------------
+def read_idx(uri: str) -> np.ndarray:
+    """An IDX array of unsigned bytes (the MNIST file format)."""
+    raw = fetch(uri)
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{uri}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise ValueError(f"{uri}: header says shape {shape} but holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _idx_file(folder: str, name: str) -> str:
+    uri = store.join(folder, name)
+    return uri if store.exists(uri) else uri + ".gz"
+
+
+def load_mnist(data_root: str | None, folder: str = "MNIST/raw", dataset: str = "mnist"):
+    """((train images, labels), (test images, labels)); images uint8 (N, 1, 28, 28)."""
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    folder = find_folder(data_root, dataset, folder, names)
+    xtr, ytr, xte, yte = (read_idx(_idx_file(folder, n)) for n in names)
+    for x, y, n in ((xtr, ytr, names[0]), (xte, yte, names[2])):
+        if len(x) != len(y):
+            raise ValueError(f"{store.join(folder, n)}: {len(x)} images but {len(y)} labels")
+    return (xtr[:, None], ytr.astype(np.int64)), (xte[:, None], yte.astype(np.int64))
+
+
+def load_fashion_mnist(data_root: str | None):
+    return load_mnist(data_root, "FashionMNIST/raw", "fashion-mnist")
+
+
+# -- STL-10 (binary files; the labelled train and test splits) -------------------------------------------
+def _stl_split(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    x_uri, y_uri = store.join(folder, f"{split}_X.bin"), store.join(folder, f"{split}_y.bin")
+    x, y = np.frombuffer(fetch(x_uri), dtype=np.uint8), np.frombuffer(fetch(y_uri), dtype=np.uint8)
+    if x.size % (3 * 96 * 96) or x.size // (3 * 96 * 96) != y.size:
+        raise ValueError(f"{x_uri}: {x.size} bytes do not hold one 3x96x96 image per label of {y_uri} ({y.size})")
+    x = x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)     # stored column-major
+    return np.ascontiguousarray(x), y.astype(np.int64) - 1   # labels on disk are 1..10
+
+
+def load_stl10(data_root: str | None):
+    """((train images, labels), (test images, labels)); images uint8 (N, 3, 96, 96)."""
+    folder = find_folder(data_root, "stl10", "stl10_binary", ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"])
+    return _stl_split(folder, "train"), _stl_split(folder, "test")
+
+
+# name -> (loader, image shape, number of classes)
+IMAGE_FOLDERS = {"cifar10": (load_cifar10, (3, 32, 32), 10), "mnist": (load_mnist, (1, 28, 28), 10),
+                 "fashion-mnist": (load_fashion_mnist, (1, 28, 28), 10), "stl10": (load_stl10, (3, 96, 96), 10)}
+
+
+def find_parquet(data_root: str | None, dataset: str, split: str) -> list[str]:
+    """Parquet files of a split under ``data_root`` (searched recursively): names starting with ``split``."""
+    if not data_root:
+        raise ValueError(f"dataset {dataset!r} is read from a folder or S3 prefix: set zoo.data_root")
+    found = [f for f in store.list_files(data_root, (".parquet",)) if f.rsplit("/", 1)[-1].startswith(split)]
+    if not found:
+        raise FileNotFoundError(f"{dataset}: no {split} Parquet file (name starting with {split!r}) under {data_root}")
+    return found

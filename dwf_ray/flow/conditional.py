@@ -1,0 +1,205 @@
+"""One flow for several zoos: a class-conditional flow with classifier-free guidance.
+
+Each class is a run root whose canon and pca stages are complete; it keeps its own architecture and PCA.
+Each zoo's latents are standardised on their own and cut to the smallest k of the zoos; one flow is trained
+on the union with the zoo index as label (Ray Train, the pipeline's flow loop). A class's samples are decoded
+with that zoo's PCA and scored against that zoo: test accuracy and novelty up to permutation, beside the noise
+and interpolation baselines at equal novelty. Output root::
+
+    config.json, flow/model.pt, flow/classes.json, samples/<class>/w<w>/*.safetensors + manifest.parquet,
+    report/metrics.json, report/report.md
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from dwf_ray import store
+from dwf_ray.config import FlowConfig, RunConfig, SampleConfig
+from dwf_ray.flow.sample import sample_latents, write_samples
+from dwf_ray.flow.train import LatentScaler, load_flow, run_flow
+from dwf_ray.pca.shards import PCAModel
+from dwf_ray.store import RunStore
+from dwf_ray.weights import WeightLayout, load_model_state
+
+if TYPE_CHECKING:
+    from dwf_ray.pipeline import Pipeline
+
+
+class ConditionalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    roots: list[str]                 # one run root per class, in label order
+    names: Optional[list[str]] = None   # class names (default: the roots' folder names)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    guidance: list[float] = [0.0, 1.0, 2.0]   # w: 0 = unconditional, 1 = conditional, > 1 = guided
+    baselines: bool = True           # also score the noise and interpolation baselines of each zoo
+
+    def class_names(self) -> list[str]:
+        names = self.names or [r.rstrip("/").rsplit("/", 1)[-1] for r in self.roots]
+        if len(self.roots) < 2:
+            raise ValueError(f"a conditional flow needs at least two run roots, got {self.roots}")
+        if len(names) != len(self.roots) or len(set(names)) != len(names):
+            raise ValueError(f"class names {names} must be unique, one per run root {self.roots}")
+        return names
+
+    def with_overrides(self, overrides: list[str]) -> "ConditionalConfig":
+        """``flow.key=value`` and ``sample.key=value`` overrides, parsed as in RunConfig.with_overrides."""
+        bad = [o for o in overrides if not o.startswith(("flow.", "sample."))]
+        if bad:
+            raise ValueError(f"overrides {bad}: a conditional run only takes flow.* and sample.* keys")
+        run = RunConfig(flow=self.flow, sample=self.sample).with_overrides(overrides)
+        return self.model_copy(update={"flow": run.flow, "sample": run.sample})
+
+
+@dataclass
+class ZooClass:
+    """One class: its run root's pipeline, PCA and latents."""
+    name: str
+    pipe: "Pipeline"
+    pca: PCAModel
+    z: np.ndarray
+
+    @property
+    def layout(self) -> WeightLayout:
+        return WeightLayout.from_arch(self.pipe.arch)
+
+    def read_flat(self, manifest_uri: str) -> np.ndarray:
+        man = store.read_table(manifest_uri)
+        return np.stack([self.layout.flatten(load_model_state(u, self.pipe.arch)[0]) for u in man["uri"]])
+
+    @classmethod
+    def load(cls, name: str, root: str) -> "ZooClass":
+        from dwf_ray.pipeline import STAGE_DIRS, Pipeline
+        pipe = Pipeline(root)
+        for stage in ("canon", "pca"):
+            if not pipe.store.done(STAGE_DIRS[stage]):
+                raise ValueError(f"{pipe.store.root}: the {stage} stage is not complete; run `dwf run` or "
+                                 f"`dwf {stage}` on it first")
+        pca_dir = pipe.store.uri("pca")
+        return cls(name, pipe, PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir))
+
+
+def _w_key(w: float) -> str:
+    return f"w{w:g}"
+
+
+def train_conditional(classes: list[ZooClass], cfg: ConditionalConfig, out: RunStore) -> dict:
+    """Standardise each zoo's latents, train the labelled flow, write flow/model.pt and flow/classes.json."""
+    k = min(c.z.shape[1] for c in classes)
+    scalers = [LatentScaler.fit(c.z[:, :k], cfg.flow.scaling) for c in classes]
+    u = np.concatenate([s.transform(c.z[:, :k]) for s, c in zip(scalers, classes)]).astype(np.float32)
+    labels = np.concatenate([np.full(len(c.z), i) for i, c in enumerate(classes)])
+    info = run_flow(u, cfg.flow.model_copy(update={"scaling": "none"}), out.uri("flow"), labels=labels)
+    store.write_json(out.uri("flow", "classes.json"), {"k": k, "classes": [
+        {"name": c.name, "root": c.pipe.store.root, "n": len(c.z), "mean": s.mean.tolist(), "scale": s.scale.tolist()}
+        for c, s in zip(classes, scalers)]})
+    return {key: v for key, v in info.items() if key != "history"} | {"k": k}
+
+
+def sample_class(flow_uri: str, label: int, scaler: LatentScaler, pca: PCAModel, sc: SampleConfig,
+                 guidance: float) -> np.ndarray:
+    """Flat weights of ``sc.n`` models of class ``label``, decoded with that zoo's PCA."""
+    net, _, fc = load_flow(flow_uri)
+    z = sample_latents(net, scaler, sc.n, fc.source_std, sc.temperature, sc.solver, sc.steps, sc.seed, fc.source,
+                       label=label, guidance=guidance)
+    return pca.decode(np.pad(z, ((0, 0), (0, pca.k - z.shape[1]))))
+
+
+def evaluate_class(c: ZooClass, generated: dict[str, np.ndarray], baselines: bool) -> dict:
+    """Accuracy and novelty (up to permutation) of each generated set against the class's zoo."""
+    from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, noise_baseline,
+                                        zoo_nn_median)
+    from dwf_ray.eval.report import summary
+    from dwf_ray.eval.run import baseline_at
+    from dwf_ray.eval.scoring import map_chunks, score_many
+    _, zoo = c.pipe.canonical_models()
+    ec, arch = c.pipe.cfg.eval, c.pipe.arch
+    sets = {"zoo": zoo, **generated}
+    if baselines:
+        median = zoo_nn_median(zoo)
+        sets.update({f"noise_{lvl:g}": noise_baseline(zoo, lvl, median, ec.n_baseline, ec.seed)
+                     for lvl in ec.noise_levels})
+        sets.update({f"mix_{w:g}": interpolation_baseline(zoo, w, ec.n_baseline, ec.seed) for w in ec.mix_weights})
+    scores = score_many(arch, c.pipe.cfg.zoo, ec, sets)
+    zoo_logits = scores["zoo"][2]
+    nn = map_chunks(matched_nearest, {
+        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, ec.nn_candidates,
+                                                       exclude_self=key == "zoo")))
+        for key, flat in sets.items()}, f"conditional: nearest {c.name} zoo models", num_gpus=ec.num_gpus)
+    unit = float(np.median(nn["zoo"][0]))
+    points = [{"method": key.split("_")[0].replace("mix", "interpolation"), "acc": float(scores[key][0].mean() * 100),
+               "novelty": float(np.median(nn[key][0]) / unit)} for key in sets if key.startswith(("noise_", "mix_"))]
+    rows = {}
+    for key in generated:
+        nov = float(np.median(nn[key][0]) / unit)
+        row = {"accuracy": summary(scores[key][0]), "novelty": nov,
+               "distinct_nearest_zoo_models": int(len(np.unique(nn[key][1])))}
+        if points:
+            row["noise_acc_at_novelty"] = baseline_at(points, "noise", nov)
+            row["interp_acc_at_novelty"] = baseline_at(points, "interpolation", nov)
+        rows[key] = row
+    return {"zoo": summary(scores["zoo"][0]), "generated": rows, "baselines": points}
+
+
+def report_table(metrics: dict) -> str:
+    lines = ["| class | models | mean acc % | std | min | max | novelty | noise % | interp % | delta pp | distinct NN |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in metrics["classes"].items():
+        z = m["zoo"]
+        lines.append(f"| {name} | zoo | {z['mean']:.2f} | {z['std']:.2f} | {z['min']:.2f} | {z['max']:.2f} "
+                     f"| - | - | - | - | - |")
+        for key, row in m["generated"].items():
+            a = row["accuracy"]
+            base = [row.get("noise_acc_at_novelty"), row.get("interp_acc_at_novelty")]
+            cells = [f"{b:.2f}" for b in base] + [f"{a['mean'] - max(base):+.2f}"] if None not in base else ["-"] * 3
+            lines.append(f"| {name} | w={key[1:]} | {a['mean']:.2f} | {a['std']:.2f} | {a['min']:.2f} | {a['max']:.2f} "
+                         f"| {row['novelty']:.3f} | {' | '.join(cells)} | {row['distinct_nearest_zoo_models']} |")
+    return "\n".join(lines)
+
+
+def run_conditional(cfg: ConditionalConfig, out_root: str, log=print) -> dict:
+    """Train, sample every class at every guidance scale, evaluate; stages already complete are skipped."""
+    from dwf_ray.runtime import ensure_ray
+    names = cfg.class_names()
+    out = RunStore(out_root)
+    cfg_uri = out.uri("config.json")
+    if store.exists(cfg_uri) and ConditionalConfig.model_validate(store.read_json(cfg_uri)) != cfg:
+        raise ValueError(f"{out.root} was made with a different conditional config; use another output root")
+    store.write_json(cfg_uri, cfg.model_dump())
+    ensure_ray()
+    classes = [ZooClass.load(n, r) for n, r in zip(names, cfg.roots)]
+    if out.done("flow"):
+        log(f"[conditional flow] complete in {out.uri('flow')}: skipped")
+    else:
+        log(f"[conditional flow] training on {', '.join(f'{c.name} ({len(c.z)})' for c in classes)}")
+        out.mark_done("flow", train_conditional(classes, cfg, out))
+    spec = store.read_json(out.uri("flow", "classes.json"))
+    flow_uri = out.uri("flow", "model.pt")
+    metrics = {"k": spec["k"], "flow": out.stage_info("flow"), "classes": {}}
+    for label, (c, cs) in enumerate(zip(classes, spec["classes"])):
+        scaler = LatentScaler(cs["mean"], cs["scale"])
+        generated = {}
+        for w in cfg.guidance:
+            folder = f"samples/{c.name}/{_w_key(w)}"
+            if out.done(folder):
+                generated[_w_key(w)] = c.read_flat(out.uri(folder, "manifest.parquet"))
+                continue
+            flat = generated[_w_key(w)] = sample_class(flow_uri, label, scaler, c.pca, cfg.sample, w)
+            man = write_samples(flat, c.layout, c.pipe.arch, out.uri(folder))
+            store.write_table(out.uri(folder, "manifest.parquet"), man)
+            out.mark_done(folder, {"n": len(man), "guidance": w})
+        log(f"[conditional eval] {c.name}: scoring {len(generated)} generated sets against its zoo")
+        metrics["classes"][c.name] = evaluate_class(c, generated, cfg.baselines)
+    table = report_table(metrics)
+    store.write_json(out.uri("report", "metrics.json"), metrics)
+    store.write_bytes(out.uri("report", "report.md"), (
+        f"# Conditional flow over {len(classes)} zoos\n\nOne flow, k = {spec['k']}; guidance "
+        f"v = v_uncond + w (v_cond - v_uncond). Novelty: median distance to the nearest zoo model (up to "
+        f"permutation) / the zoo's own median; baselines interpolated to the same novelty.\n\n{table}\n").encode())
+    log("\n" + table)
+    return metrics
