@@ -48,7 +48,7 @@ class PCAConfig(_Cfg):
     n_shards: int = 2
     shard_cpus: float = 0.5          # also the BLAS/torch threads of a shard (at least 1)
     shard_gpus: float = 0.0
-    memory_budget_bytes: int = 1 << 30   # arrays one GramShard holds at once: sets its block size, not d
+    memory_budget_bytes: int = 2 << 30   # peak memory of one GramShard process: sets its block size, not d
     engine: Literal["auto", "numpy", "torch"] = "auto"   # auto: torch (on the GPU) when shard_gpus > 0
     compute_dtype: Literal["float32", "float64"] = "float32"   # products; blocks are summed in float64
     input_dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # torch engine: inputs of the products

@@ -11,7 +11,7 @@ from sklearn.decomposition import PCA
 from dwf_ray.archs import ArchSpec
 from dwf_ray.config import PCAConfig
 from dwf_ray.pca.dual import centre_gram, dual_pca
-from dwf_ray.pca.gram import GramShard, bytes_per_column, plan_blocks
+from dwf_ray.pca.gram import GramShard, budget_for_block, plan_blocks
 from dwf_ray.pca.reader import model_columns
 from dwf_ray.pca.shardfile import load_shard, write_shard
 from dwf_ray.pca.shards import PCAModel, fit_distributed_pca
@@ -38,11 +38,6 @@ def fit(uris: list[str], out_dir: str, **cfg) -> tuple[dict, PCAModel, np.ndarra
     """(meta, loaded model, training latents)."""
     meta = fit_distributed_pca(uris, [f"m{i}" for i in range(len(uris))], LAYOUT, PCAConfig(**cfg), out_dir)
     return meta, PCAModel.load(out_dir), PCAModel.load_latents(out_dir)
-
-
-def budget_for_block(n: int, block: int, compute_dtype: str = "float32") -> int:
-    """A memory budget whose planned blocks are ``block`` columns (too small to keep a slice in memory)."""
-    return 4 * 8 * n * n + block * bytes_per_column(n, compute_dtype)
 
 
 def align_signs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -129,7 +124,7 @@ def test_block_size_follows_the_memory_budget_not_d():
     assert small.cache and small.bytes <= budget
     assert plan_blocks(100, 10**8, budget, "float64").block < big[0].block
     with pytest.raises(ValueError, match="too small for 100 models"):
-        plan_blocks(100, 10**6, 10**5)
+        plan_blocks(100, 10**6, 300 << 20)
 
 
 def test_gram_shard_reads_its_columns_in_any_stored_dtype(tmp_path):
@@ -190,7 +185,7 @@ def test_torch_engine_runs_the_gpu_code_path_on_the_cpu(tmp_path, reference):
     # two float32 implementations: they agree to float32 accuracy (see the tolerance note above)
     np.testing.assert_allclose(meta["eigenvalues"], ref_meta["eigenvalues"], rtol=1e-3)
     np.testing.assert_allclose(align_signs(basis(model), basis(ref_model)), basis(ref_model), atol=1e-3)
-    plan = plan_blocks(len(x), LAYOUT.size, 1 << 20, engine="torch")
+    plan = plan_blocks(len(x), LAYOUT.size, 2 << 30, engine="torch")
     sources = [model_columns(u, LAYOUT) for u in uris]
     exact = centre_gram(GramShard(sources, 0, LAYOUT.size, plan).gram())
     bf16 = centre_gram(GramShard(sources, 0, LAYOUT.size, plan, "torch", input_dtype="bfloat16").gram())

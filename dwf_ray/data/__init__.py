@@ -189,9 +189,9 @@ def load_dataset(name: str, split_seed: int = 0, val_fraction: float = 0.2, test
     elif kind == "image":
         train_x = parts["train"][0]
         axes = (0, 2, 3)
-        mu = train_x.mean(axes, dtype=np.float64)[:, None, None] / 255
-        sd = np.maximum(train_x.std(axes, dtype=np.float64)[:, None, None] / 255, 1e-3)
-        parts = {k: (((xs.astype(np.float32) / 255 - mu) / sd).astype(np.float32), lab) for k, (xs, lab) in parts.items()}
+        mu = (train_x.mean(axes, dtype=np.float64)[:, None, None] / 255).astype(np.float32)
+        sd = np.maximum(train_x.std(axes, dtype=np.float64)[:, None, None] / 255, 1e-3).astype(np.float32)
+        parts = {k: ((xs.astype(np.float32) / 255 - mu) / sd, lab) for k, (xs, lab) in parts.items()}
         shape = tuple(train_x.shape[1:])
     else:
         shape = (1, 8, 8) if image else tuple(x.shape[1:])

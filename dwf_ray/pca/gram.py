@@ -24,7 +24,12 @@ from dwf_ray.pca.shardfile import write_shard
 class BlockPlan:
     block: int      # columns read and multiplied at once
     cache: bool     # keep the whole slice in memory between the two passes
-    bytes: int      # arrays held at once under this plan (the budget it was planned against bounds it)
+    bytes: int      # planned peak memory of the actor process, at most the budget it was planned against
+
+
+# Resident memory of an actor before its arrays: interpreter, Ray worker, NumPy and BLAS buffers (about
+# 0.2 GB measured here), plus torch and its allocator for the torch engine.
+PROCESS_BYTES = {"numpy": 320 << 20, "torch": 1 << 30}
 
 
 def bytes_per_column(n: int, compute_dtype: str = "float32", engine: str = "numpy") -> int:
@@ -40,15 +45,21 @@ def bytes_per_column(n: int, compute_dtype: str = "float32", engine: str = "nump
     return read + rows + work + 12  # + the block's mean
 
 
+def budget_for_block(n: int, block: int, compute_dtype: str = "float32", engine: str = "numpy") -> int:
+    """The memory budget of an actor that streams blocks of ``block`` columns for n models."""
+    return PROCESS_BYTES[engine] + 4 * 8 * n * n + block * bytes_per_column(n, compute_dtype, engine)
+
+
 def plan_blocks(n: int, columns: int, budget: int, compute_dtype: str = "float32",
                 engine: str = "numpy") -> BlockPlan:
-    """The largest blocks that keep an actor's arrays under ``budget`` bytes; cache the slice if it fits too."""
-    fixed = 4 * 8 * n * n                           # partial Gram, its block term, weights, eigenvectors
+    """The largest blocks that keep an actor's peak memory under ``budget`` bytes; the slice stays in memory
+    between the two passes when that fits too."""
+    fixed = budget_for_block(n, 0, compute_dtype, engine)       # the process, the partial Gram and its terms
     per_column = bytes_per_column(n, compute_dtype, engine)
     room = budget - fixed
     if room < per_column:
         raise ValueError(f"memory budget of {budget} bytes is too small for {n} models: a GramShard needs "
-                         f"at least {fixed + per_column} bytes")
+                         f"at least {fixed + per_column} bytes ({PROCESS_BYTES[engine]} for the process itself)")
     streamed = min(columns, room // per_column)
     if streamed == columns:
         return BlockPlan(columns, True, fixed + columns * per_column)
