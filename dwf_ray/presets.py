@@ -10,11 +10,19 @@
 """
 from __future__ import annotations
 
-from dwf_ray.config import RunConfig, ZooConfig
+from dwf_ray.config import FlowConfig, RunConfig, SampleConfig, ZooConfig
 
 
 def _digits_mlp() -> RunConfig:
     return RunConfig(preset="digits-mlp")
+
+
+def _digits_mlp_paper() -> RunConfig:
+    """digits-mlp with the paper's flow and sampler (hidden 512, 30k steps, source std 1.0, RK4 100);
+    on this zoo source std 1.0 collapses onto the zoo mean (docs/tuning-digits-mlp.md)."""
+    cfg = RunConfig(preset="digits-mlp-paper")
+    cfg.flow, cfg.sample = FlowConfig.paper(), SampleConfig.paper()
+    return cfg
 
 
 def _iris_mlp() -> RunConfig:
@@ -141,7 +149,7 @@ def _yelp_bert_base() -> RunConfig:
         batch_size=32, lr=1e-4, weight_decay=0.01, cpus_per_model=4))
 
 
-PRESETS = {"digits-mlp": _digits_mlp, "iris-mlp": _iris_mlp, "smoke": _smoke,
+PRESETS = {"digits-mlp": _digits_mlp, "digits-mlp-paper": _digits_mlp_paper, "iris-mlp": _iris_mlp, "smoke": _smoke,
            "digits-cnn": _digits_cnn, "digits-resnet": _digits_resnet, "digits-vit": _digits_vit,
            "text-bert": _text_bert, "smoke-bert": _smoke_bert,
            "cifar10-resnet18": _cifar10_resnet18, "cifar10-vit-small": _cifar10_vit_small,
