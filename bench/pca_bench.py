@@ -279,7 +279,7 @@ def plot(rows: list[dict], limits: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     full = [r for r in rows if "error" not in r and "subset" not in r["method"]]
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(full) + 2))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(full) + 2.5))
     names = [f"{r['method']} ({r['cores']} core{'s' * (r['cores'] > 1)})" for r in full]
     lat = [r["seconds_to_latents"] for r in full]
     ax.barh(names, lat, label="to latents (Gram + eigh)")
@@ -288,9 +288,10 @@ def plot(rows: list[dict], limits: dict, path: str, title: str) -> None:
         ax.axvline(limits[f"wall_to_latents_{cores}_cores"], color="k", ls=style,
                    label=f"limit, {cores} core{'s' * (cores > 1)}: read once + 2n²d flops")
     ax.set_xscale("log")
+    ax.set_xlim(1, 1.5 * max((r.get("seconds") or t) for r, t in zip(full, lat)))
     ax.set_xlabel("wall seconds (log)")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
