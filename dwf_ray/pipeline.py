@@ -41,7 +41,8 @@ class Pipeline:
             raise ValueError(f"{self.store.root} was made with a different config; use another --name/--root, "
                              f"or --restart-from STAGE to redo that stage and the ones after it")
         self.cfg = cfg
-        store.write_json(cfg_uri, cfg.model_dump())
+        if saved != cfg:   # a finished root is opened without touching its files
+            store.write_json(cfg_uri, cfg.model_dump())
 
     # -- helpers -------------------------------------------------------------------------
     @property

@@ -58,9 +58,11 @@ def test_run_produces_every_artefact(smoke_run):
 
 def test_rerun_skips_completed_stages_and_stage_commands_work(smoke_run):
     root, _ = smoke_run
+    config_mtime = (root / "config.json").stat().st_mtime_ns
     out = dwf("run", "--preset", "smoke", "--root", str(root))
     for stage in ("zoo", "canon", "pca", "flow", "sample", "eval"):
         assert f"[{stage}] complete" in out and "skipped" in out
+    assert (root / "config.json").stat().st_mtime_ns == config_mtime   # a finished root is left untouched
     before = (root / "samples" / "manifest.parquet").read_bytes()
     out = dwf("sample", "--root", str(root), "--restart-from", "sample")
     assert "[sample] done" in out

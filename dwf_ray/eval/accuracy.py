@@ -17,23 +17,26 @@ def accuracy(model: nn.Module, split: Split) -> float:
     return float((predict(model, split) == split.y).float().mean())
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, train: Split, batches: int = 20, batch_size: int = 128,
                           seed: int = 0) -> nn.Module:
-    """Re-estimate BatchNorm running statistics on the training split (never on test data)."""
-    if not has_batchnorm(model):
+    """Re-estimate BatchNorm running statistics on the training split (never on test data).
+
+    The statistics are a cumulative average over the calibration batches; each layer's momentum is
+    restored afterwards, so the model trains as usual if it is fine-tuned later.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
         return model
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
     model.train()
     g = torch.Generator().manual_seed(seed)
     for _ in range(batches):
         idx = torch.randint(len(train), (min(batch_size, len(train)),), generator=g)
         model(train.x[idx])
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     return model.eval()

@@ -30,6 +30,32 @@ def baseline_at(points: list[dict], method: str, nov: float) -> float:
     return float(np.interp(nov, [p[0] for p in pts], [p[1] for p in pts]))
 
 
+def baseline_sets(zoo: np.ndarray, ec, zoo_median: float) -> dict[str, tuple[str, str, np.ndarray]]:
+    """The two baselines at every configured setting: key -> (method, setting, flat models)."""
+    out = {f"noise_{lvl:g}": ("noise", f"{lvl:g} x NN dist", noise_baseline(zoo, lvl, zoo_median, ec.n_baseline, ec.seed))
+           for lvl in ec.noise_levels}
+    out.update({f"mix_{w:g}": ("interpolation", f"w={w:g}", interpolation_baseline(zoo, w, ec.n_baseline, ec.seed))
+                for w in ec.mix_weights})
+    return out
+
+
+def score_and_match(arch: ArchSpec, cfg: RunConfig, sets: dict[str, np.ndarray], what: str = "eval") -> tuple:
+    """Test scores of every set (``sets["zoo"]`` is the zoo) and each model's nearest zoo model up to permutation.
+
+    Returns (scores: key -> (acc, wrong, logits), nn: key -> (distances, zoo indices), unit), where unit is the
+    zoo's own median nearest-neighbour distance, the denominator of every novelty ratio.
+    """
+    ec, zoo = cfg.eval, sets["zoo"]
+    scores = score_many(arch, cfg.zoo, ec, sets)
+    zoo_logits = scores["zoo"][2]
+    nn = map_chunks(matched_nearest, {
+        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, ec.nn_candidates,
+                                                       exclude_self=key == "zoo")))
+        for key, flat in sets.items()}, f"{what}: nearest zoo models", num_gpus=ec.num_gpus,
+        residual=cfg.canon.residual)
+    return scores, nn, float(np.median(nn["zoo"][0]))
+
+
 def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndarray, flow_uri: str,
              pca_dir: str, reference: np.ndarray, no_canon: np.ndarray | None = None) -> tuple[dict, dict]:
     """Returns (metrics, accuracies per set). All flat weights are in canonical space except ``no_canon``."""
@@ -41,24 +67,15 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
         key = f"gen_T{temp:g}"
         sets[key] = generate(flow_uri, pca_dir, sc.n, temp, sc.solver, sc.steps, sc.seed + 1 + i)
         labels[key] = ("generator", f"T={temp:g}")
-    for lvl in ec.noise_levels:
-        sets[f"noise_{lvl:g}"] = noise_baseline(zoo, lvl, zoo_median, ec.n_baseline, ec.seed)
-        labels[f"noise_{lvl:g}"] = ("noise", f"{lvl:g} x NN dist")
-    for w in ec.mix_weights:
-        sets[f"mix_{w:g}"] = interpolation_baseline(zoo, w, ec.n_baseline, ec.seed)
-        labels[f"mix_{w:g}"] = ("interpolation", f"w={w:g}")
+    for key, (method, setting, flat) in baseline_sets(zoo, ec, zoo_median).items():
+        sets[key], labels[key] = flat, (method, setting)
     if no_canon is not None:   # aligned onto the reference afterwards, so that distances compare
         sets["no_canon"] = map_chunks(canonicalize_flat, {"no_canon": ((arch.to_json(), reference), (no_canon,))},
                                       "eval: aligning no-canon samples", num_gpus=ec.num_gpus,
                                       residual=cfg.canon.residual)["no_canon"][0]
         labels["no_canon"] = ("generator (no canon)", f"T={sc.temperature:g}")
-    scores = score_many(arch, cfg.zoo, ec, sets)
-    zoo_acc, zoo_wrong, zoo_logits = scores["zoo"]
-    nn = map_chunks(matched_nearest, {
-        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, ec.nn_candidates,
-                                                       exclude_self=key == "zoo")))
-        for key, flat in sets.items()}, "eval: nearest zoo models", num_gpus=ec.num_gpus, residual=cfg.canon.residual)
-    unit = float(np.median(nn["zoo"][0]))   # the zoo's own median NN distance (up to permutation)
+    scores, nn, unit = score_and_match(arch, cfg, sets)
+    zoo_acc, zoo_wrong, _ = scores["zoo"]
 
     points = []
     for key, (method, setting) in labels.items():

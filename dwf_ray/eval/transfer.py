@@ -48,16 +48,6 @@ def replace_head(model: nn.Module, n_classes: int, seed: int, head: str | None =
     return head
 
 
-@torch.no_grad()
-def _recalibrate_keeping_momentum(model: nn.Module, train) -> None:
-    """BatchNorm statistics from the target training split, then the usual running-average momentum again."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    recalibrate_batchnorm(model, train)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-
-
 def fine_tune(model: nn.Module, target: ZooConfig, epochs: int, seed: int, head: str | None = None) -> float:
     """New head for ``target``'s classes, fine-tune all weights for ``epochs``; returns target test accuracy.
 
@@ -67,7 +57,7 @@ def fine_tune(model: nn.Module, target: ZooConfig, epochs: int, seed: int, head:
         raise ValueError(f"fine-tuning needs at least one epoch, got {epochs}")
     data = dataset_for(target)
     replace_head(model, data.n_classes, seed, head)
-    _recalibrate_keeping_momentum(model, data.train)   # generated checkpoints carry no BatchNorm statistics
+    recalibrate_batchnorm(model, data.train)   # generated checkpoints carry no BatchNorm statistics
     train_classifier(model, target.model_copy(update={"epochs": epochs}), seed)
     return accuracy(model, data.test)
 

@@ -112,28 +112,17 @@ def sample_class(flow_uri: str, label: int, scaler: LatentScaler, pca: PCAModel,
 
 def evaluate_class(c: ZooClass, generated: dict[str, np.ndarray], baselines: bool) -> dict:
     """Accuracy and novelty (up to permutation) of each generated set against the class's zoo."""
-    from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, noise_baseline,
-                                        zoo_nn_median)
+    from dwf_ray.eval.diversity import zoo_nn_median
     from dwf_ray.eval.report import summary
-    from dwf_ray.eval.run import baseline_at
-    from dwf_ray.eval.scoring import map_chunks, score_many
+    from dwf_ray.eval.run import baseline_at, baseline_sets, score_and_match
     _, zoo = c.pipe.canonical_models()
-    ec, arch = c.pipe.cfg.eval, c.pipe.arch
-    sets = {"zoo": zoo, **generated}
+    sets, methods = {"zoo": zoo, **generated}, {}
     if baselines:
-        median = zoo_nn_median(zoo)
-        sets.update({f"noise_{lvl:g}": noise_baseline(zoo, lvl, median, ec.n_baseline, ec.seed)
-                     for lvl in ec.noise_levels})
-        sets.update({f"mix_{w:g}": interpolation_baseline(zoo, w, ec.n_baseline, ec.seed) for w in ec.mix_weights})
-    scores = score_many(arch, c.pipe.cfg.zoo, ec, sets)
-    zoo_logits = scores["zoo"][2]
-    nn = map_chunks(matched_nearest, {
-        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, ec.nn_candidates,
-                                                       exclude_self=key == "zoo")))
-        for key, flat in sets.items()}, f"conditional: nearest {c.name} zoo models", num_gpus=ec.num_gpus)
-    unit = float(np.median(nn["zoo"][0]))
-    points = [{"method": key.split("_")[0].replace("mix", "interpolation"), "acc": float(scores[key][0].mean() * 100),
-               "novelty": float(np.median(nn[key][0]) / unit)} for key in sets if key.startswith(("noise_", "mix_"))]
+        for key, (method, _, flat) in baseline_sets(zoo, c.pipe.cfg.eval, zoo_nn_median(zoo)).items():
+            sets[key], methods[key] = flat, method
+    scores, nn, unit = score_and_match(c.pipe.arch, c.pipe.cfg, sets, f"conditional: {c.name}")
+    points = [{"method": method, "acc": float(scores[key][0].mean() * 100),
+               "novelty": float(np.median(nn[key][0]) / unit)} for key, method in methods.items()]
     rows = {}
     for key in generated:
         nov = float(np.median(nn[key][0]) / unit)
