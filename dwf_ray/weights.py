@@ -14,9 +14,6 @@ from safetensors.numpy import save as st_save
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, build_model
 
-_DTYPE_BYTES = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
-_NP_DTYPE = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
@@ -194,31 +191,6 @@ def load_model_state(uri: str, arch: ArchSpec | None = None) -> tuple[dict[str, 
             raise CheckpointError(f"{uri}: no ArchSpec in the checkpoint metadata; pass one explicitly")
         arch = ArchSpec.from_json(meta["arch"])
     return validate_state(tensors, ArchSpec.parse(arch), uri), ArchSpec.parse(arch)
-
-
-def read_flat_range(uri: str, layout: WeightLayout, start: int, stop: int,
-                    header: tuple[dict, int] | None = None) -> np.ndarray:
-    """Columns [start, stop) of a checkpoint's flat parameter vector, by ranged reads of only those bytes.
-
-    ``header`` is ``read_header(uri)`` when the caller already has it.
-    """
-    header, data_start = header or read_header(uri)
-    out = np.empty(stop - start, dtype=np.float32)
-    for e, a, b in layout.pieces(start, stop):
-        info = header.get(e.name)
-        if info is None:
-            raise CheckpointError(f"{uri}: tensor {e.name!r} missing")
-        dt = info["dtype"]
-        if dt not in _NP_DTYPE:
-            raise CheckpointError(f"{uri}: tensor {e.name!r} has unsupported dtype {dt}")
-        width = _DTYPE_BYTES[dt]
-        t0 = data_start + info["data_offsets"][0]
-        raw = store.read_range(uri, t0 + a * width, t0 + b * width)
-        if len(raw) != (b - a) * width:
-            raise CheckpointError(f"{uri}: truncated data for tensor {e.name!r}")
-        dst = e.offset + a - start
-        out[dst:dst + b - a] = np.frombuffer(raw, dtype=_NP_DTYPE[dt])
-    return out
 
 
 def state_to_torch(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

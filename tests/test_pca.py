@@ -1,5 +1,7 @@
 import os
+import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,8 +88,11 @@ def test_distributed_dual_pca_matches_sklearn(tmp_path, reference, n_shards, blo
     assert all(s["bytes_read"] == passes * 4 * len(x) * (s["stop"] - s["start"]) for s in meta["shards"])
     if block:
         assert {s["block"] for s in meta["shards"]} == {block}
+    pca_dir = Path(uris[0]).parents[1] / "pca" if (n_shards, block) == (2, None) else tmp_path / "pca"
     for s in meta["shards"]:       # one plain safetensors file per shard: (columns, 1 + k), mean first
-        assert safetensors.numpy.load_file(s["uri"])["basis"].shape == (s["stop"] - s["start"], 1 + k)
+        assert safetensors.numpy.load_file(pca_dir / s["file"])["basis"].shape == (s["stop"] - s["start"], 1 + k)
+    moved = shutil.copytree(pca_dir, tmp_path / "moved")   # a copied PCA folder loads on its own
+    np.testing.assert_array_equal(PCAModel.load(str(moved)).decode(z[:3]), model.decode(z[:3]))
 
 
 def test_full_rank_pca_reconstructs_the_training_models(tmp_path, ray_session):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dwf_ray.archs import ArchSpec, build_model
-from dwf_ray.weights import (CheckpointError, WeightLayout, load_checkpoint, load_model_state, read_flat_range,
+from dwf_ray.pca.reader import model_columns
+from dwf_ray.weights import (CheckpointError, WeightLayout, load_checkpoint, load_model_state,
                              save_checkpoint)
 
 ARCHS = [ArchSpec("mlp", {"in_dim": 64, "hidden": [32, 32], "out_dim": 10}),
@@ -48,8 +49,11 @@ def test_checkpoint_round_trip_and_ranged_reads(tmp_path):
     assert arch2 == arch
     layout = WeightLayout.from_arch(arch)
     flat = layout.flatten(loaded)
+    columns = model_columns(uri, layout)   # ranged reads of parts of the flat vector (the PCA reader)
     for a, b in [(0, layout.size), (3, 40), (27, 29), (layout.size - 5, layout.size)]:
-        np.testing.assert_array_equal(read_flat_range(uri, layout, a, b), flat[a:b])
+        out = np.empty(b - a, dtype=np.float32)
+        assert columns.read(a, b, out) == 4 * (b - a)
+        np.testing.assert_array_equal(out, flat[a:b])
 
 
 def test_torch_state_dict_files_import(tmp_path):

@@ -78,7 +78,7 @@ def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLay
         eig = top_eigen(centre_gram(gram), cfg.k, cfg.variance_target)
         if on_stage:
             on_stage("components", actors)
-        shard_uris = [store.join(out_dir, f"shard_{i:03d}.safetensors") for i in range(len(actors))]
+        shard_uris = [store.join(out_dir, f"shard_{i:03d}.safetensors") for i in range(len(actors))]   # see meta
         weights = component_weights(eig)
         ray.get([a.components.remote(weights, u) for a, u in zip(actors, shard_uris)])
         stats = ray.get([a.stats.remote() for a in actors])
@@ -94,7 +94,8 @@ def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLay
             "explained_variance_total": float(eig.explained_variance_ratio.sum()),
             "engine": engine, "compute_dtype": cfg.compute_dtype, "input_dtype": cfg.input_dtype,
             "memory_budget_bytes": cfg.memory_budget_bytes,
-            "shards": [s | {"uri": u} for s, u in zip(stats, shard_uris)]}
+            # file names relative to the PCA folder, so a run root can be moved or copied
+            "shards": [s | {"file": f"shard_{i:03d}.safetensors"} for i, s in enumerate(stats)]}
     store.write_json(store.join(out_dir, "meta.json"), meta)
     return meta
 
@@ -112,7 +113,7 @@ class PCAModel:
     @classmethod
     def load(cls, pca_dir: str) -> "PCAModel":
         meta = store.read_json(store.join(pca_dir, "meta.json"))
-        return cls(meta, [load_shard(s["uri"]) for s in meta["shards"]])
+        return cls(meta, [load_shard(store.join(pca_dir, s["file"])) for s in meta["shards"]])
 
     @staticmethod
     def load_latents(pca_dir: str) -> np.ndarray:
