@@ -76,13 +76,6 @@ class WeightLayout:
             raise ValueError(f"flat vector has shape {vec.shape}, expected ({self.size},)")
         return {e.name: vec[e.offset:e.offset + e.numel].reshape(e.shape) for e in self.entries}
 
-    def pieces(self, start: int, stop: int):
-        """Yield (entry, first element, last element) of every parameter overlapping columns [start, stop)."""
-        for e in self.entries:
-            a, b = max(start, e.offset), min(stop, e.offset + e.numel)
-            if a < b:
-                yield e, a - e.offset, b - e.offset
-
 
 def _metadata(arch: ArchSpec, extra: dict | None) -> dict[str, str]:
     meta = {"arch": arch.to_json()}

@@ -5,7 +5,7 @@ import numpy as np
 
 from dwf_ray.archs import ArchSpec, permutation_spec
 from dwf_ray.canon.matching import canonicalize
-from dwf_ray.config import RunConfig
+from dwf_ray.config import EvalConfig, RunConfig
 from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, noise_baseline,
                                     wrong_iou, zoo_nn_median)
 from dwf_ray.eval.report import summary
@@ -30,7 +30,7 @@ def baseline_at(points: list[dict], method: str, nov: float) -> float:
     return float(np.interp(nov, [p[0] for p in pts], [p[1] for p in pts]))
 
 
-def baseline_sets(zoo: np.ndarray, ec, zoo_median: float) -> dict[str, tuple[str, str, np.ndarray]]:
+def baseline_sets(zoo: np.ndarray, ec: EvalConfig, zoo_median: float) -> dict[str, tuple[str, str, np.ndarray]]:
     """The two baselines at every configured setting: key -> (method, setting, flat models)."""
     out = {f"noise_{lvl:g}": ("noise", f"{lvl:g} x NN dist", noise_baseline(zoo, lvl, zoo_median, ec.n_baseline, ec.seed))
            for lvl in ec.noise_levels}

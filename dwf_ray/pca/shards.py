@@ -78,9 +78,9 @@ def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLay
         eig = top_eigen(centre_gram(gram), cfg.k, cfg.variance_target)
         if on_stage:
             on_stage("components", actors)
-        shard_uris = [store.join(out_dir, f"shard_{i:03d}.safetensors") for i in range(len(actors))]   # see meta
+        shard_files = [f"shard_{i:03d}.safetensors" for i in range(len(actors))]   # relative to out_dir
         weights = component_weights(eig)
-        ray.get([a.components.remote(weights, u) for a, u in zip(actors, shard_uris)])
+        ray.get([a.components.remote(weights, store.join(out_dir, f)) for a, f in zip(actors, shard_files)])
         stats = ray.get([a.stats.remote() for a in actors])
     finally:
         for a in actors:
@@ -95,7 +95,7 @@ def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLay
             "engine": engine, "compute_dtype": cfg.compute_dtype, "input_dtype": cfg.input_dtype,
             "memory_budget_bytes": cfg.memory_budget_bytes,
             # file names relative to the PCA folder, so a run root can be moved or copied
-            "shards": [s | {"file": f"shard_{i:03d}.safetensors"} for i, s in enumerate(stats)]}
+            "shards": [s | {"file": f} for s, f in zip(stats, shard_files)]}
     store.write_json(store.join(out_dir, "meta.json"), meta)
     return meta
 
