@@ -59,7 +59,7 @@ class PCAConfig(_Cfg):
 
 
 class FlowConfig(_Cfg):
-    hidden: int = 256
+    hidden: int = 512
     depth: int = 3
     time_dim: int = 64
     dropout: float = 0.1
@@ -69,7 +69,7 @@ class FlowConfig(_Cfg):
     batch_size: int = 64             # global batch, split across the DDP workers
     warmup_steps: int = 200
     scaling: Literal["whiten", "global", "none"] = "whiten"   # latent standardisation
-    source_std: float = 0.3          # 1.0: collapse to the zoo mean; 0.1: near-copies (docs/tuning-*.md)
+    source_std: float = 1.0          # 0.3 (hidden 256): nearer the zoo, ties the baselines (docs/tuning-digits-mlp.md)
     sigma: float = 0.001
     ema_decay: float = 0.999
     source: Literal["gaussian", "uniform"] = "gaussian"   # source noise, unit variance per dimension

@@ -18,8 +18,8 @@ def _digits_mlp() -> RunConfig:
 
 
 def _digits_mlp_paper() -> RunConfig:
-    """digits-mlp with the paper's flow and sampler (hidden 512, 30k steps, source std 1.0, RK4 100);
-    on this zoo source std 1.0 collapses onto the zoo mean (docs/tuning-digits-mlp.md)."""
+    """digits-mlp with the paper's flow and sampler: the default flow (hidden 512, source std 1.0) trained
+    for 30k steps instead of 16k, RK4 100."""
     cfg = RunConfig(preset="digits-mlp-paper")
     cfg.flow, cfg.sample = FlowConfig.paper(), SampleConfig.paper()
     return cfg
@@ -113,12 +113,12 @@ def _smoke_bert() -> RunConfig:
 
 # -- full-size configurations: data from zoo.data_root, a GPU cluster ------------------------------
 def _full(name: str, zoo: ZooConfig) -> RunConfig:
-    """The paper's scale: 100 models and samples, the paper-shaped flow (hidden 512, 30k steps, RK4 100)
-    with this project's tuned source std; PCA, canonicalization and scoring spread over the cluster."""
+    """The paper's scale: 100 models and samples, the paper's flow (hidden 512, source std 1.0, 30k steps,
+    RK4 100); PCA, canonicalization and scoring spread over the cluster."""
     cfg = RunConfig(preset=name, zoo=zoo)
     cfg.canon.max_actors, cfg.canon.actor_cpus = 16, 1.0
     cfg.pca.n_shards = 16
-    cfg.flow.hidden, cfg.flow.steps = 512, 30000
+    cfg.flow = FlowConfig.paper()
     cfg.eval.num_gpus = 0.25
     return cfg
 
