@@ -57,6 +57,13 @@ class ZooScorer:
         return baseline_at(self._points, "noise", novelty), baseline_at(self._points, "interpolation", novelty)
 
 
+def open_run(root: str, n_baseline: int) -> tuple[Pipeline, PCAModel, np.ndarray, ZooScorer]:
+    """A finished run root: its pipeline, PCA model, training latents and a scorer of its zoo."""
+    pipe = Pipeline(root)
+    pca_dir = pipe.store.uri("pca")
+    return pipe, PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir), ZooScorer(pipe, n_baseline)
+
+
 NOISE_LEVELS = (0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 MIX_WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -71,10 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipe = Pipeline(args.root)
-    pca_dir = pipe.store.uri("pca")
-    pca, z = PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir)
-    scorer = ZooScorer(pipe, args.n)
+    pipe, pca, z, scorer = open_run(args.root, args.n)
 
     keys = [g.split("=", 1)[0] for g in args.grid]
     values = [g.split("=", 1)[1].split(",") for g in args.grid]

@@ -22,9 +22,7 @@ import torch
 from dwf_ray.eval.diversity import zoo_nn_median
 from dwf_ray.flow.sample import sample_latents
 from dwf_ray.flow.train import LatentScaler, train_in_process
-from dwf_ray.pca.shards import PCAModel
-from dwf_ray.pipeline import Pipeline
-from flow_sweep import ZooScorer
+from flow_sweep import open_run
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -64,10 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipe = Pipeline(args.root)
-    pca_dir = pipe.store.uri("pca")
-    pca, z = PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir)
-    scorer = ZooScorer(pipe, args.n)
+    pipe, pca, z, scorer = open_run(args.root, args.n)
     direct_unit = zoo_nn_median(scorer.zoo)
     steps_list, solvers = [int(s) for s in args.steps.split(",")], args.solvers.split(",")
     print(f"zoo mean test accuracy {scorer.zoo_acc:.2f} %; flow trained {args.train_steps} steps; "

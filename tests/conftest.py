@@ -51,3 +51,13 @@ def ray_session(s3_server):
     ensure_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small nets and matrices run fastest on one torch thread and do not spin on a busy 2-core machine."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

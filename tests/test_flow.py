@@ -14,13 +14,7 @@ from dwf_ray.flow.train import (LatentScaler, lr_lambda, ot_pair, source_noise, 
 IDENTITY = LatentScaler(np.zeros(4), np.ones(4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small nets run fastest on one thread (and do not spin on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_velocity_net() -> VelocityMLP:

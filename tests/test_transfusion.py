@@ -19,13 +19,7 @@ CASES = [(name, residual) for name in ARCHS for residual in (False, True)]
 CASE_IDS = [f"{name}-{'residual' if residual else 'heads-mlp'}" for name, residual in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread avoids contention with other processes on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_state(arch: ArchSpec, seed: int) -> dict[str, np.ndarray]:
