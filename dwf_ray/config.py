@@ -31,6 +31,9 @@ class ZooConfig(_Cfg):
 
 class CanonConfig(_Cfg):
     enabled: bool = True             # False: copy weights unchanged (the --no-canon ablation)
+    method: Literal["weights", "activations"] = "weights"   # how permutations are found (see dwf_ray/canon)
+    activation_samples: int = 512    # method=activations: training inputs run through each model (their unit
+                                     # outputs, all positions, are kept for the reference: mind conv nets)
     residual: bool = False           # transformers: also permute the residual stream (beyond the paper)
     reference: int = 0               # model index of the reference
     max_iter: int = 100

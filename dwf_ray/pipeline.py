@@ -100,7 +100,7 @@ class Pipeline:
         def work():
             from dwf_ray.canon.job import run_canon
             zoo_man = self.manifest("zoo")
-            man = run_canon(zoo_man, self.cfg.canon, self.store.uri("canonical"))
+            man = run_canon(zoo_man, self.cfg.canon, self.store.uri("canonical"), self.cfg.zoo)
             store.write_table(self.store.uri("canonical", "manifest.parquet"), man)
             info = _counts(man) | {"rows_in": len(zoo_man), "enabled": self.cfg.canon.enabled}
             ok = man[man["status"] == "ok"]

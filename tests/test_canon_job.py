@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -15,8 +16,8 @@ from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon.job import run_canon
 from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
 from dwf_ray.cli import app
-from dwf_ray.config import CanonConfig
-from dwf_ray.weights import checkpoint_bytes, load_model_state, save_checkpoint
+from dwf_ray.config import CanonConfig, ZooConfig
+from dwf_ray.weights import checkpoint_bytes, load_model_state, save_checkpoint, to_module
 from dwf_ray.zoo import MANIFEST_COLUMNS
 
 ARCH = ArchSpec("mlp", {"in_dim": 64, "hidden": [32, 32], "out_dim": 10})
@@ -74,6 +75,26 @@ def test_bad_rows_on_s3_each_keep_their_error_and_the_rest_complete(s3_server, r
     assert sorted(written) == sorted(ok["canon_uri"]) and all(u.startswith("s3://") for u in written)
     moved, _ = load_model_state(ok.loc["m00001", "canon_uri"], ARCH)
     np.testing.assert_array_equal(moved["net.2.weight"], ref["net.2.weight"])
+
+
+def test_activation_matching_job_aligns_by_training_inputs(ray_session, tmp_path):
+    man = write_zoo(str(tmp_path / "zoo"), 4)
+    ref, spec = random_state(0), permutation_spec(ARCH)
+    save_checkpoint(man.loc[2, "uri"], apply_permutation(spec, random_permutation(spec, ref, seed=1), ref), ARCH)
+    cfg = CanonConfig(method="activations", activation_samples=200, min_actors=1, max_actors=1, batch_size=2)
+    with pytest.raises(ValueError, match="canon.method=activations needs the zoo's dataset"):
+        run_canon(man, cfg, str(tmp_path / "none"))
+
+    out = run_canon(man, cfg, str(tmp_path / "canonical"), ZooConfig(arch={"family": ARCH.family, "args": ARCH.args}))
+
+    assert (out["status"] == "ok").all() and len(out) == 4
+    ok = out.set_index("model_id")
+    assert ok.loc["m00002", "dist_before"] > 1 and ok.loc["m00002", "dist_after"] < 1e-5   # permutation undone
+    moved, _ = load_model_state(ok.loc["m00003", "canon_uri"], ARCH)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(to_module(ARCH, moved)(x).numpy(), to_module(ARCH, random_state(3))(x).numpy(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def _canon_worker_pids() -> dict[str, int]:

@@ -11,8 +11,10 @@ import ray
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, permutation_spec
+from dwf_ray.canon.activations import ActivationMatcher, check_supported
 from dwf_ray.canon.matching import canonicalize, distance
-from dwf_ray.config import CanonConfig
+from dwf_ray.config import CanonConfig, ZooConfig
+from dwf_ray.data import dataset_for
 from dwf_ray.runtime import chunks
 from dwf_ray.weights import CheckpointError, WeightLayout, load_model_state, row_error, save_checkpoint
 
@@ -23,7 +25,8 @@ _NO_RESULT = {"canon_uri": "", "dist_before": np.nan, "dist_after": np.nan}
 class Canonicalizer:
     """Ray Data actor: loads the reference once, then matches each checkpoint of its batches onto it."""
 
-    def __init__(self, ref_uri: str, arch_json: str, out_dir: str, cfg_json: str):
+    def __init__(self, ref_uri: str, arch_json: str, out_dir: str, cfg_json: str,
+                 activation_inputs: np.ndarray | None = None):
         import torch
         torch.set_num_threads(1)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else None
@@ -34,10 +37,15 @@ class Canonicalizer:
         ref, _ = load_model_state(ref_uri, self.arch)
         self.ref = {k: ref[k] for k in self.param_names}
         self.out_dir = out_dir
+        self.by_activations = None
+        if activation_inputs is not None:
+            self.by_activations = ActivationMatcher(self.arch, ref, torch.as_tensor(activation_inputs))
 
     def one(self, row: dict) -> dict:
         state, _ = load_model_state(row["uri"], self.arch)
-        if self.cfg.enabled:
+        if self.by_activations is not None:
+            out, _ = self.by_activations(state)
+        elif self.cfg.enabled:
             out, _ = canonicalize(self.spec, self.ref, state, self.cfg.max_iter, self.cfg.seed,
                                   residual=self.cfg.residual, device=self.device)
         else:
@@ -88,8 +96,11 @@ def _reference_row(manifest: pd.DataFrame, cfg: CanonConfig) -> pd.Series:
     return ref_row
 
 
-def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str) -> pd.DataFrame:
+def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str, zoo: ZooConfig | None = None) -> pd.DataFrame:
     """Canonicalize every usable model of a zoo manifest into ``out_dir``; one output row per input row.
+
+    ``zoo`` names the training data that ``cfg.method="activations"`` runs the models on; the driver loads
+    the first ``cfg.activation_samples`` training inputs and hands them to the actors.
 
     The actor pool grows from ``cfg.min_actors`` to ``cfg.max_actors`` (None: as far as the cluster allows);
     actors given GPUs (``cfg.actor_gpus``) match on them. Ray Data shows the progress.
@@ -97,6 +108,12 @@ def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str) -> pd.Data
     if manifest["model_id"].duplicated().any():
         raise ValueError("canonicalize: the zoo manifest has duplicate model_id values")
     ref_row = _reference_row(manifest, cfg)
+    activation_inputs = None
+    if cfg.enabled and cfg.method == "activations":
+        if zoo is None:
+            raise ValueError("canonicalize: canon.method=activations needs the zoo's dataset (the ZooConfig)")
+        check_supported(ArchSpec.from_json(ref_row["arch"]))
+        activation_inputs = dataset_for(zoo).train.x[:cfg.activation_samples].numpy()
     rows = manifest[["model_id", "uri", "status", "error"]].fillna("").astype(str)
     ds = ray.data.from_pandas(chunks(rows, cfg.batch_size))
     # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) restart a killed actor and rerun its
@@ -104,7 +121,7 @@ def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str) -> pd.Data
     ds = ds.map_batches(
         Canonicalizer,
         fn_constructor_kwargs=dict(ref_uri=ref_row["uri"], arch_json=ref_row["arch"], out_dir=out_dir,
-                                   cfg_json=cfg.model_dump_json()),
+                                   cfg_json=cfg.model_dump_json(), activation_inputs=activation_inputs),
         batch_size=cfg.batch_size, batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
