@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
-from dwf_ray.canon.activations import ActivationMatcher
+from dwf_ray.canon.activations import ActivationMatcher, unit_activations
+from dwf_ray.canon.matching import canonicalize
 from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
 from dwf_ray.weights import to_module
 from tests.test_canon_conv import ARCHS as CONV_ARCHS, input_batch, random_state
@@ -49,3 +50,19 @@ def test_attention_models_are_refused_with_a_clear_error():
     state = {k: v.numpy() for k, v in build_model(vit).state_dict().items()}
     with pytest.raises(ValueError, match="'vit' has attention blocks; use canon.method=weights"):
         ActivationMatcher(vit, state, torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet20"])
+def test_units_correlate_with_the_reference_at_least_as_well_as_after_weight_matching(name):
+    arch = ARCHS[name]
+    ref, other, x = random_state(arch, 0), random_state(arch, 4), inputs(arch)
+    ref_acts = unit_activations(arch, ref, x)
+
+    def correlation(state):   # summed correlation of each unit with the reference unit in its position
+        acts = unit_activations(arch, state, x)
+        return sum(float((r * o).sum()) for p in ref_acts for r, o in zip(ref_acts[p], acts[p]))
+
+    by_activations, _ = ActivationMatcher(arch, ref, x)(other)
+    by_weights, _ = canonicalize(permutation_spec(arch), ref, other)
+    assert correlation(by_activations) >= correlation(by_weights) - 1e-3
+    assert correlation(by_activations) > correlation(other) + 1.0
