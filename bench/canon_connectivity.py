@@ -51,8 +51,9 @@ def main() -> None:
         recalibrate_batchnorm(model, data.train, cfg.eval.bn_recal_batches)
         return accuracy(model, data.val)
 
+    ref_params = {k: ref[k] for k in names}
     aligners = {"none": lambda s: s,
-                "weights": lambda s: canonicalize(spec, {k: ref[k] for k in names}, s, residual=cfg.canon.residual)[0]}
+                "weights": lambda s: canonicalize(spec, ref_params, s, residual=cfg.canon.residual)[0]}
     if not spec.attention:
         matcher = ActivationMatcher(arch, ref, data.train.x[:cfg.canon.activation_samples])
         aligners["activations"] = lambda s: matcher(s)[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
-from dwf_ray.canon.activations import ActivationMatcher, unit_activations
+from dwf_ray.canon.activations import ActivationMatcher
 from dwf_ray.canon.matching import canonicalize
 from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
 from dwf_ray.weights import to_module
@@ -55,14 +55,14 @@ def test_attention_models_are_refused_with_a_clear_error():
 @pytest.mark.parametrize("name", ["cnn", "resnet20"])
 def test_units_correlate_with_the_reference_at_least_as_well_as_after_weight_matching(name):
     arch = ARCHS[name]
-    ref, other, x = random_state(arch, 0), random_state(arch, 4), inputs(arch)
-    ref_acts = unit_activations(arch, ref, x)
+    ref, other = random_state(arch, 0), random_state(arch, 4)
+    match = ActivationMatcher(arch, ref, inputs(arch))
 
     def correlation(state):   # summed correlation of each unit with the reference unit in its position
-        acts = unit_activations(arch, state, x)
-        return sum(float((r * o).sum()) for p in ref_acts for r, o in zip(ref_acts[p], acts[p]))
+        acts = match.unit_activations(state)
+        return sum(float((r * o).sum()) for p in match.ref for r, o in zip(match.ref[p], acts[p]))
 
-    by_activations, _ = ActivationMatcher(arch, ref, x)(other)
+    by_activations, _ = match(other)
     by_weights, _ = canonicalize(permutation_spec(arch), ref, other)
     assert correlation(by_activations) >= correlation(by_weights) - 1e-3
     assert correlation(by_activations) > correlation(other) + 1.0

@@ -40,39 +40,38 @@ def check_supported(arch: ArchSpec) -> PermutationSpec:
     return spec
 
 
-def unit_activations(arch: ArchSpec, state: dict[str, np.ndarray], x: torch.Tensor) -> dict[str, list[np.ndarray]]:
-    """{permutation: standardized (units, samples) outputs of every module whose output channels it permutes}."""
-    spec = check_supported(arch)
-    model = to_module(arch, state).eval()
-    acts: dict[str, list[np.ndarray]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        perms = spec.axes.get(f"{name}.weight")
-        if isinstance(module, _UNIT_MODULES) and perms and perms[0] is not None:
-            def keep(_m, _i, out, p=perms[0], last=isinstance(module, nn.Linear)):
-                acts.setdefault(p, []).append(_standardized(out, last))
-            hooks.append(module.register_forward_hook(keep))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    missing = sorted(set(spec.free(spec.sizes(state))) - set(acts))
-    if missing:
-        raise ValueError(f"activation matching: no module output carries permutation(s) {missing} of {arch.family!r}")
-    return acts
-
-
 class ActivationMatcher:
     """Permutes models onto one reference by the correlation of their units on fixed training inputs ``x``."""
 
     def __init__(self, arch: ArchSpec, ref: dict[str, np.ndarray], x: torch.Tensor):
         self.arch, self.spec, self.x = arch, check_supported(arch), x
-        self.ref = unit_activations(arch, ref, x)
+        self.ref = self.unit_activations(ref)
+        missing = sorted(set(self.spec.free(self.spec.sizes(ref))) - set(self.ref))
+        if missing:
+            raise ValueError(f"activation matching: no module output carries permutation(s) {missing} "
+                             f"of {arch.family!r}")
+
+    def unit_activations(self, state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+        """{permutation: standardized (units, samples) outputs of every module whose output channels it permutes}."""
+        model = to_module(self.arch, state).eval()
+        acts: dict[str, list[np.ndarray]] = {}
+        hooks = []
+        for name, module in model.named_modules():
+            perms = self.spec.axes.get(f"{name}.weight")
+            if isinstance(module, _UNIT_MODULES) and perms and perms[0] is not None:
+                def keep(_m, _i, out, p=perms[0], last=isinstance(module, nn.Linear)):
+                    acts.setdefault(p, []).append(_standardized(out, last))
+                hooks.append(module.register_forward_hook(keep))
+        try:
+            with torch.no_grad():
+                model(self.x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return acts
 
     def permutations(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        acts = unit_activations(self.arch, state, self.x)
+        acts = self.unit_activations(state)
         return {p: linear_sum_assignment(sum(r @ o.T for r, o in zip(refs, acts[p])), maximize=True)[1]
                 for p, refs in self.ref.items()}
 
