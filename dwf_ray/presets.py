@@ -73,11 +73,12 @@ def _digits_cnn() -> RunConfig:
 
 
 def _digits_resnet() -> RunConfig:
-    """ResNet-20 (3 stages of 3 basic blocks, channels 16, 32, 64) on the 1x8x8 digits, aligned by activation
-    matching: weight matching leaves aligned pairs of these networks far apart in function
+    """ResNet-20 (3 stages of 3 basic blocks) at twice its standard width (channels 32, 64, 128) on the 1x8x8
+    digits, aligned by activation matching: weight matching leaves aligned pairs of these networks far apart in
+    function, and narrower ones are not linearly connected even after activation matching
     (docs/results-families.md)."""
     cfg = _family("digits-resnet", ZooConfig(
-        arch={"family": "resnet20", "args": {"num_classes": 10, "in_channels": 1, "width": 16, "blocks_per_stage": 3}},
+        arch={"family": "resnet20", "args": {"num_classes": 10, "in_channels": 1, "width": 32, "blocks_per_stage": 3}},
         image=True, n_models=64, epochs=20, batch_size=64), near_zoo=True)
     cfg.canon.method = "activations"
     return cfg
