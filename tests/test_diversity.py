@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
@@ -68,3 +69,18 @@ def test_wrong_prediction_iou():
     a = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool)
     b = np.array([[1, 0, 1, 0], [0, 0, 0, 0]], bool)
     np.testing.assert_allclose(wrong_iou(a, b), [1 / 3, 1.0])
+
+
+def test_margins_take_the_better_baseline_at_equal_novelty_with_its_standard_error():
+    from dwf_ray.eval.run import add_margins
+    points = [{"method": "noise", "acc": 90.0, "se": 0.2, "novelty": 0.2},
+              {"method": "noise", "acc": 80.0, "se": 0.4, "novelty": 0.4},
+              {"method": "interpolation", "acc": 85.0, "se": 1.0, "novelty": 0.2},
+              {"method": "interpolation", "acc": 84.0, "se": 1.0, "novelty": 0.4},
+              {"method": "generator", "acc": 88.0, "se": 0.3, "novelty": 0.3},    # noise 85.0, interp 84.5
+              {"method": "generator", "acc": 88.0, "se": 0.3, "novelty": 0.35}]   # noise 82.5, interp 84.25
+    add_margins(points)
+    near, far = points[4], points[5]
+    assert near["margin"] == pytest.approx(3.0) and near["margin_se"] == pytest.approx(np.hypot(0.3, 0.3))
+    assert far["margin"] == pytest.approx(3.75) and far["margin_se"] == pytest.approx(np.hypot(0.3, 1.0))
+    assert all("margin" not in p for p in points[:4])

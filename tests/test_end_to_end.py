@@ -48,6 +48,14 @@ def test_run_produces_every_artefact(smoke_run):
     assert metrics["accuracy"]["generated"]["mean"] > 50, "generated models are no better than chance"
     methods = {p["method"] for p in metrics["tradeoff"]}
     assert methods == {"generator", "noise", "interpolation", "generator (no canon)"}
+    per_model = metrics["model_accuracy"]   # every scored model's test accuracy, per set
+    assert len(per_model["zoo"]) == 12 and len(per_model["generated"]) == 8
+    assert np.mean(per_model["generated"]) == pytest.approx(metrics["accuracy"]["generated"]["mean"], abs=1e-3)
+    for p in metrics["tradeoff"]:   # each mean has its standard error, each margin the error of the difference
+        n = len(per_model[p["key"]])
+        assert p["se"] == pytest.approx(np.std(per_model[p["key"]], ddof=1) / np.sqrt(n), abs=1e-3)
+        if p["method"].startswith("generator"):
+            assert p["margin_se"] >= p["se"]
     assert {"zoo", "canon", "pca", "flow", "sample", "flow (no canon)"} <= set(metrics["timings"])
     for png in ("accuracy.png", "tradeoff.png"):
         assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

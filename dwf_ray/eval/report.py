@@ -23,12 +23,15 @@ def accuracy_table(rows: dict[str, dict]) -> str:
 
 def tradeoff_table(points: list[dict]) -> str:
     """One row per set; generator rows also show their margin over the better baseline at equal novelty."""
-    lines = ["| method | setting | mean acc % | novelty ratio | wrong-pred IoU | vs best baseline |",
+    lines = ["| method | setting | mean acc % (SE) | novelty ratio | wrong-pred IoU | vs best baseline (SE) |",
              "|---|---|---|---|---|---|"]
     for p in points:
         iou = f"{p['iou']:.3f}" if p.get("iou") is not None else "-"
+        acc = f"{p['acc']:.2f}" + (f" ({p['se']:.2f})" if "se" in p else "")
         margin = f"{p['margin']:+.2f}" if p.get("margin") is not None else "-"
-        lines.append(f"| {p['method']} | {p['setting']} | {p['acc']:.2f} | {p['novelty']:.3f} | {iou} | {margin} |")
+        if "margin_se" in p:
+            margin += f" ({p['margin_se']:.2f})"
+        lines.append(f"| {p['method']} | {p['setting']} | {acc} | {p['novelty']:.3f} | {iou} | {margin} |")
     return "\n".join(lines)
 
 

@@ -24,10 +24,22 @@ def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residua
                       for v in flat]),)
 
 
-def baseline_at(points: list[dict], method: str, nov: float) -> float:
-    """A baseline's accuracy linearly interpolated to novelty ``nov`` (clamped at its measured ends)."""
-    pts = sorted((p["novelty"], p["acc"]) for p in points if p["method"] == method)
+def baseline_at(points: list[dict], method: str, nov: float, field: str = "acc") -> float:
+    """A baseline's accuracy (or another ``field``, such as its standard error ``se``) linearly interpolated
+    to novelty ``nov`` (clamped at its measured ends)."""
+    pts = sorted((p["novelty"], p[field]) for p in points if p["method"] == method)
     return float(np.interp(nov, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def add_margins(points: list[dict]) -> None:
+    """Each generator point gets ``margin``: its accuracy minus the better baseline at the same novelty, and
+    ``margin_se``: the standard error of that difference (both means' standard errors, the baseline's
+    interpolated like its accuracy)."""
+    for p in points:
+        if p["method"].startswith("generator"):
+            best = max(("noise", "interpolation"), key=lambda m: baseline_at(points, m, p["novelty"]))
+            p["margin"] = p["acc"] - baseline_at(points, best, p["novelty"])
+            p["margin_se"] = float(np.hypot(p["se"], baseline_at(points, best, p["novelty"], "se")))
 
 
 def baseline_sets(zoo: np.ndarray, ec: EvalConfig, zoo_median: float) -> dict[str, tuple[str, str, np.ndarray]]:
@@ -82,11 +94,9 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
         acc, wrong, _ = scores[key]
         dist, idx = nn[key]
         points.append({"method": method, "setting": setting, "key": key, "acc": float(acc.mean() * 100),
+                       "se": float(acc.std(ddof=1) / np.sqrt(len(acc)) * 100) if len(acc) > 1 else 0.0,
                        "novelty": float(np.median(dist) / unit), "iou": float(wrong_iou(wrong, zoo_wrong[idx]).mean())})
-    for p in points:   # generator minus the better baseline at the same novelty
-        if p["method"].startswith("generator"):
-            p["margin"] = p["acc"] - max(baseline_at(points, "noise", p["novelty"]),
-                                         baseline_at(points, "interpolation", p["novelty"]))
+    add_margins(points)
     op = next(p for p in points if p["key"] == "generated")
     noise_acc, interp_acc = baseline_at(points, "noise", op["novelty"]), baseline_at(points, "interpolation", op["novelty"])
     passing = [p["setting"] for p in points if p["method"] == "generator" and p["novelty"] >= 0.25 and p["margin"] > 0]
@@ -106,6 +116,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
                       # spread of the generated set itself, in the same unit (1.0 = as spread as the zoo)
                       "generated_self_nn_ratio": zoo_nn_median(generated) / zoo_median},
         "tradeoff": points,
+        "model_accuracy": {key: [round(float(a) * 100, 4) for a in scores[key][0]] for key in sets},   # test %
         "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
                             "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,
                             "gap_to_zoo": accuracy["zoo"]["mean"] - op["acc"],
