@@ -130,7 +130,8 @@ zoo candidates).
 
 Operating point (temperature {op['temperature']}): accuracy {op['acc']:.2f} % at novelty {op['novelty']:.3f};
 noise baseline at equal novelty {op['noise_acc_at_novelty']:.2f} %, interpolation baseline
-{op['interp_acc_at_novelty']:.2f} %. Beats both baselines with novelty >= 0.25: **{verdict}**.
+{op['interp_acc_at_novelty']:.2f} %; margin over the better one {op['margin']:+.2f} points (standard error
+{op['margin_se']:.2f}). Beats both baselines with novelty >= 0.25: **{verdict}**.
 Gap to the zoo mean: {op['gap_to_zoo']:.2f} points. Generator settings that beat both baselines with
 novelty >= 0.25: {', '.join(op.get('passing_settings') or []) or 'none'}.
 

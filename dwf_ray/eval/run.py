@@ -119,6 +119,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
         "model_accuracy": {key: [round(float(a) * 100, 4) for a in scores[key][0]] for key in sets},   # test %
         "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
                             "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,
+                            "margin": op["margin"], "margin_se": op["margin_se"],
                             "gap_to_zoo": accuracy["zoo"]["mean"] - op["acc"],
                             "accepted": bool(op["novelty"] >= 0.25 and op["acc"] > max(noise_acc, interp_acc)),
                             "passing_settings": passing},   # every temperature that passes
