@@ -33,6 +33,7 @@ from dwf_ray.canon.activations import ActivationMatcher
 from dwf_ray.canon.matching import canonicalize, distance
 from dwf_ray.data import dataset_for
 from dwf_ray.eval.accuracy import accuracy, recalibrate_batchnorm
+from dwf_ray.eval.diversity import noise_baseline
 from dwf_ray.eval.excitation import excitation_ratio, input_moments
 from dwf_ray.pipeline import Pipeline
 from dwf_ray.weights import WeightLayout, load_model_state, to_module
@@ -46,7 +47,8 @@ def connectivity(root: str, pairs: int, weights: list[float], noise_draws: int) 
     ok = pipe.manifest("zoo").query("status == 'ok'").sort_values("model_id")
     states = [load_model_state(u, arch)[0] for u in ok["uri"][:pairs + 1]]
     ref, others = states[0], states[1:]
-    spec, names = permutation_spec(arch), WeightLayout.from_arch(arch).names
+    spec, layout = permutation_spec(arch), WeightLayout.from_arch(arch)
+    names = layout.names
 
     def val_acc(state: dict) -> float:
         model = to_module(arch, state)
@@ -59,13 +61,11 @@ def connectivity(root: str, pairs: int, weights: list[float], noise_draws: int) 
     if not spec.attention:
         matcher = ActivationMatcher(arch, ref, data.train.x[:cfg.canon.activation_samples])
         aligners["activations"] = lambda s: matcher(s)[0]
-    rng = np.random.default_rng(0)
+    ref_flat = layout.flatten(ref_params)
 
-    def noisy(dist: float) -> dict:
-        """model 0 plus isotropic Gaussian noise of norm ``dist`` over its parameters (as the noise baseline)."""
-        size = sum(ref[k].size for k in names)
-        return {k: (ref[k] + rng.standard_normal(ref[k].shape) * dist / np.sqrt(size)).astype(np.float32)
-                if k in ref_params else ref[k] for k in ref}
+    def noisy(dist: float, seed: int) -> list[dict]:
+        """``noise_draws`` copies of model 0 plus isotropic noise of norm ``dist`` (the report's noise baseline)."""
+        return [{**ref, **layout.unflatten(v)} for v in noise_baseline(ref_flat[None], 1.0, dist, noise_draws, seed)]
 
     moments = input_moments(arch, ref, data.train.x[:cfg.canon.activation_samples])
     rows = []
@@ -73,14 +73,14 @@ def connectivity(root: str, pairs: int, weights: list[float], noise_draws: int) 
         t0 = time.perf_counter()
         moved = [align(s) for s in others]
         seconds = (time.perf_counter() - t0) / len(others)
+        dists = [distance(ref, m, names) for m in moved]
         row = {"method": method, "distance_ratio": float(np.mean(
-            [distance(ref, m, names) / distance(ref, s, names) for m, s in zip(moved, others)])),
+            [d / distance(ref, s, names) for d, s in zip(dists, others)])),
             "seconds_per_model": seconds,
             "excitation": float(np.mean([excitation_ratio(moments, ref, m) for m in moved]))}
         for w in weights:
             row[f"acc_w{w:g}"] = float(np.mean([val_acc({k: (1 - w) * ref[k] + w * m[k] for k in ref}) for m in moved]))
-            row[f"noise_w{w:g}"] = float(np.mean([val_acc(noisy(w * distance(ref, m, names)))
-                                                  for m in moved for _ in range(noise_draws)]))
+            row[f"noise_w{w:g}"] = float(np.mean([val_acc(s) for i, d in enumerate(dists) for s in noisy(w * d, i)]))
         rows.append(row)
     return {"root": Path(root.rstrip("/")).name, "arch": json.loads(arch.to_json()), "pairs": len(others),
             "end_points_val_acc": float(np.mean([val_acc(s) for s in states])), "rows": rows}
@@ -104,18 +104,14 @@ def plot(results: list[dict], weights: list[float], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(1.1 * len(results) + 3, 4))
     x, width = np.arange(len(results)), 0.8 / len(weights)
-    labels = []
+    best = [max((r for r in res["rows"] if r["method"] != "none"), key=lambda r: r[f"acc_w{weights[-1]:g}"])
+            for res in results]
     for i, w in enumerate(weights):
-        gaps = []
-        for res in results:
-            best = max((r for r in res["rows"] if r["method"] != "none"), key=lambda r: r[f"acc_w{weights[-1]:g}"])
-            gaps.append((best[f"noise_w{w:g}"] - best[f"acc_w{w:g}"]) * 100)
-            if i == 0:
-                labels.append(f"{res['root']}\n({best['method']})")
+        gaps = [(b[f"noise_w{w:g}"] - b[f"acc_w{w:g}"]) * 100 for b in best]
         ax.bar(x + (i - (len(weights) - 1) / 2) * width, gaps, width, label=f"w = {w:g}")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xticks(x, labels, fontsize=7, rotation=20)
+    ax.set_xticks(x, [f"{res['root']}\n({b['method']})" for res, b in zip(results, best)], fontsize=7, rotation=20)
     ax.set_ylabel("noise acc - aligned-mix acc, points (symlog)")
     ax.set_title("> 0: isotropic noise costs less accuracy than the aligned path at equal distance", fontsize=9)
     ax.legend(fontsize=8)
