@@ -11,7 +11,7 @@ the two baselines of the report at equal distance. A generator whose samples lie
 (as PCA latents do) moves along such mixes; where isotropic noise of the same size costs less accuracy
 than the aligned path, it has little room to beat the noise baseline. The excitation column says why: the
 output energy that the aligned difference causes in the Linear/Conv layers on training inputs, over that of
-isotropic noise of the same norm (dwf_ray/eval/excitation.py).
+isotropic noise of the same norm (dwf_ray/analysis/excitation.py).
 
     python bench/canon_connectivity.py runs/digits-resnet [runs/digits-cnn ...] [--pairs 4] [--weights 0.25,0.5]
 
@@ -32,9 +32,9 @@ from dwf_ray.archs import permutation_spec
 from dwf_ray.canon.activations import ActivationMatcher
 from dwf_ray.canon.matching import canonicalize, distance
 from dwf_ray.data import dataset_for
-from dwf_ray.eval.accuracy import accuracy, recalibrate_batchnorm
+from dwf_ray.accuracy import accuracy, recalibrate_batchnorm
 from dwf_ray.eval.diversity import noise_baseline
-from dwf_ray.eval.excitation import excitation_ratio, input_moments
+from dwf_ray.analysis.excitation import excitation_ratio, input_moments
 from dwf_ray.pipeline import Pipeline
 from dwf_ray.weights import WeightLayout, load_model_state, to_module
 
@@ -44,7 +44,7 @@ def connectivity(root: str, pairs: int, weights: list[float], noise_draws: int) 
     pipe = Pipeline(root)
     arch, cfg = pipe.arch, pipe.cfg
     data = dataset_for(cfg.zoo)
-    ok = pipe.manifest("zoo").query("status == 'ok'").sort_values("model_id")
+    ok = pipe.store.manifest("zoo").query("status == 'ok'").sort_values("model_id")
     states = [load_model_state(u, arch)[0] for u in ok["uri"][:pairs + 1]]
     ref, others = states[0], states[1:]
     spec, layout = permutation_spec(arch), WeightLayout.from_arch(arch)

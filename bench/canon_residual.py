@@ -24,7 +24,7 @@ from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon.matching import canonicalize, distance
 from dwf_ray.config import ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.eval.accuracy import accuracy
+from dwf_ray.accuracy import accuracy
 from dwf_ray.weights import to_module
 from dwf_ray.zoo import train_classifier
 

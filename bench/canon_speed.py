@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon.matching import canonicalize
-from dwf_ray.canon.perm_spec import PermutationSpec, apply_permutation, random_permutation
+from dwf_ray.archs.perm_spec import PermutationSpec, apply_permutation, random_permutation
 
 FAMILIES = {
     "resnet18": ArchSpec("resnet18", {"num_classes": 10, "cifar_stem": True}),

@@ -26,8 +26,8 @@ import torch
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
-from dwf_ray.canon.job import run_canon
-from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
+from dwf_ray.canon.job import canonicalize_manifest
+from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.config import CanonConfig, ZooConfig
 from dwf_ray.runtime import ensure_ray
 from dwf_ray.weights import load_model_state, save_checkpoint
@@ -104,7 +104,7 @@ def main() -> None:
             cfg = CanonConfig(min_actors=actors, max_actors=actors, actor_cpus=args.actor_cpus,
                               batch_size=args.batch_size)
             t0 = time.perf_counter()
-            out = run_canon(man, cfg, store.join(root, f"canonical_{actors}"))
+            out = canonicalize_manifest(man, cfg, store.join(root, f"canonical_{actors}"))
             seconds = time.perf_counter() - t0
             ok = int((out["status"] == "ok").sum())
             n_undone, worst = undone(out[out["status"] == "ok"], ref, arch, args.noise)

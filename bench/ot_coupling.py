@@ -19,10 +19,11 @@ import os
 import numpy as np
 import torch
 
+from dwf_ray.analysis.zoo_scorer import open_run
 from dwf_ray.eval.diversity import zoo_nn_median
-from dwf_ray.flow.sample import sample_latents
-from dwf_ray.flow.train import LatentScaler, train_in_process
-from flow_sweep import open_run
+from dwf_ray.flow.checkpoint import LatentScaler
+from dwf_ray.flow.trainer import train_in_process
+from dwf_ray.sample.generator import Decoder, Generator
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -78,9 +79,10 @@ def main() -> None:
             scaler = LatentScaler.fit(z, fc.scaling)
             trainer, info = train_in_process(scaler.transform(z), fc)
 
+            gen = Generator(trainer.ema, fc, [Decoder(scaler, pca, pipe.arch)])
+
             def latents(solver: str, steps: int) -> np.ndarray:
-                return sample_latents(trainer.ema, scaler, args.n, fc.source_std, args.temperature, solver, steps,
-                                      pipe.cfg.sample.seed, fc.source)
+                return gen.latents(args.n, args.temperature, pipe.cfg.sample.seed, solver, steps)
             reference = latents("rk4", 100)
             for solver in solvers:
                 for steps in steps_list:

@@ -2,7 +2,7 @@
 
 Runs the pipeline (zoo, canon, pca, flow, sample; no eval) for a zoo trained on the source classes
 (digits 0-4), then gives every starting model a new head for the target classes (digits 5-9) and
-fine-tunes all its weights for each epoch budget (``dwf_ray.eval.transfer``; the epoch with the best
+fine-tunes all its weights for each epoch budget (``dwf_ray.analysis.transfer``; the epoch with the best
 validation accuracy within the budget is kept, test data only measures). For every seed it takes
 ``--per-source`` different models of each source; accuracy is averaged over those models, then
 mean and std over seeds are reported. Fine-tunes run as Ray tasks (one per starting model).
@@ -26,8 +26,8 @@ import torch
 from dwf_ray.archs import ArchSpec
 from dwf_ray.config import ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.eval.accuracy import accuracy, recalibrate_batchnorm
-from dwf_ray.eval.transfer import source_model, transfer_accuracies
+from dwf_ray.accuracy import accuracy, recalibrate_batchnorm
+from dwf_ray.analysis.transfer import source_model, transfer_accuracies
 from dwf_ray.pipeline import Pipeline
 from dwf_ray.presets import preset
 from dwf_ray.runtime import ensure_ray, wait_with_progress
@@ -146,9 +146,9 @@ def main() -> None:
     t_pipe = time.perf_counter() - t0
     source_cfg = pipe.cfg.zoo
     target_cfg = source_cfg.model_copy(update={"classes": args.target_classes})
-    zoo = pipe.manifest("zoo")
+    zoo = pipe.store.manifest("zoo")
     zoo_uris = list(zoo[zoo["status"] == "ok"].sort_values("model_id")["uri"])
-    gen_uris = list(pipe.manifest("sample").sort_values("model_id")["uri"])
+    gen_uris = list(pipe.store.manifest("sample").sort_values("model_id")["uri"])
     n_needed = args.seeds * args.per_source
     if len(zoo_uris) < n_needed:
         raise SystemExit(f"{pipe.store.root}: only {len(zoo_uris)} usable zoo models, need {n_needed}")

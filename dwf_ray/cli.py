@@ -10,7 +10,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 _ROOT = typer.Option(None, "--root", help="run root: a folder or s3://bucket/prefix (default runs/<name>)")
 _NAME = typer.Option(None, "--name", help="run name under runs/ (default: the preset's name)")
-_PRESET = typer.Option(None, "--preset", help="preset to start a new run root from")
+_PRESET = typer.Option(None, "--preset", help="preset to start a new run root from (a name, or a .json file)")
 _SET = typer.Option([], "--set", help="override a config value: section.key=value (repeatable)")
 _RESTART = typer.Option(None, "--restart-from", help="redo this stage and every stage after it")
 
@@ -21,20 +21,18 @@ def _pipeline(preset: Optional[str], root: Optional[str], name: Optional[str], o
     from dwf_ray.presets import preset as load_preset
     from dwf_ray.pipeline import Pipeline
     cfg: Optional[RunConfig] = None
-    if preset:
-        cfg = load_preset(preset).with_overrides(list(overrides))
-        if no_canon:
-            cfg.canon.enabled = False
-    elif overrides or no_canon:
-        raise typer.BadParameter("--set and --no-canon need --preset (they define a new config)")
-    if root is None:
-        if not (name or preset):
-            raise typer.BadParameter("give --root, --name or --preset")
-        root = f"runs/{name or preset}"
     try:
+        if preset:
+            cfg = load_preset(preset).with_overrides(list(overrides) + (["canon.enabled=false"] if no_canon else []))
+        elif overrides or no_canon:
+            raise ValueError("--set and --no-canon need --preset (they define a new config)")
+        if root is None:
+            if not (name or preset):
+                raise ValueError("give --root, --name or --preset")
+            root = f"runs/{name or cfg.preset}"
         return Pipeline(root, cfg, restart_from=restart_from, log=typer.echo)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()
@@ -55,7 +53,7 @@ def zoo(ctx: typer.Context, preset: Optional[str] = _PRESET, root: Optional[str]
         name: Optional[str] = _NAME, set_: List[str] = _SET, restart_from: Optional[str] = _RESTART):
     """Train the zoo as Ray tasks (zoo/ + manifest.parquet), or `dwf zoo import` checkpoints trained elsewhere."""
     if ctx.invoked_subcommand is None:
-        _pipeline(preset, root, name, set_, restart_from).zoo()
+        _pipeline(preset, root, name, set_, restart_from).run_stage("zoo")
     elif preset or root or name or set_ or restart_from:
         raise typer.BadParameter(f"put the options after the subcommand: dwf zoo {ctx.invoked_subcommand} ... --root ...")
 
@@ -91,7 +89,7 @@ def _stage_command(stage: str, doc: str):
     def command(preset: Optional[str] = _PRESET, root: Optional[str] = _ROOT, name: Optional[str] = _NAME,
                 set_: List[str] = _SET, restart_from: Optional[str] = _RESTART):
         pipe = _pipeline(preset, root, name, set_, restart_from)
-        getattr(pipe, stage)()
+        pipe.run_stage(stage)
         if stage == "eval":
             pipe.print_summary()
     command.__doc__ = doc
@@ -102,7 +100,7 @@ for _stage, _doc in [
     ("canon", "Canonicalize the zoo onto the reference with Ray Data (canon/)."),
     ("pca", "Distributed dual PCA with GramShard actors (pca/)."),
     ("flow", "Train the flow model with Ray Train (flow/model.pt)."),
-    ("sample", "Generate models and decode them to checkpoints (samples/)."),
+    ("sample", "Generate models and decode them to checkpoints (samples/, one sub-folder per sweep temperature)."),
     ("eval", "Evaluate zoo, generated models and baselines; write report/."),
 ]:
     _stage_command(_stage, _doc)
@@ -119,7 +117,7 @@ def conditional(
         no_baselines: bool = typer.Option(False, "--no-baselines", help="skip the noise/interpolation baselines"),
         set_: List[str] = _SET):
     """One class-conditional flow over several zoos (classifier-free guidance); per-class report."""
-    from dwf_ray.flow.conditional import ConditionalConfig, run_conditional
+    from dwf_ray.conditional import ConditionalConfig, run_conditional
     try:
         cfg = ConditionalConfig(roots=list(from_), names=list(class_name) or None, baselines=not no_baselines,
                                 guidance=[float(w) for w in guidance.split(",")]).with_overrides(list(set_))

@@ -4,7 +4,14 @@ from __future__ import annotations
 import json
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+# The paper's flow: hidden 512, time embedding 64, dropout 0.1, AdamW 5e-4 with a cosine schedule, 30k steps,
+# sigma 0.001, standard Gaussian source; and its sampler, RK4 with 100 steps.
+PAPER_FLOW = {"hidden": 512, "time_dim": 64, "dropout": 0.1, "lr": 5e-4, "schedule": "cosine", "steps": 30000,
+              "sigma": 0.001, "source": "gaussian", "source_std": 1.0}
+PAPER_SAMPLER = {"solver": "rk4", "steps": 100}
 
 
 class _Cfg(BaseModel):
@@ -98,10 +105,7 @@ class FlowConfig(_Cfg):
 
     @classmethod
     def paper(cls, **overrides) -> "FlowConfig":
-        """The paper's flow: hidden 512, time embedding 64, dropout 0.1, AdamW 5e-4 with a cosine schedule,
-        30k steps, sigma 0.001, standard Gaussian source."""
-        return cls(**{"hidden": 512, "time_dim": 64, "dropout": 0.1, "lr": 5e-4, "schedule": "cosine",
-                      "steps": 30000, "sigma": 0.001, "source": "gaussian", "source_std": 1.0, **overrides})
+        return cls(**{**PAPER_FLOW, **overrides})
 
 
 class SampleConfig(_Cfg):
@@ -113,8 +117,7 @@ class SampleConfig(_Cfg):
 
     @classmethod
     def paper(cls, **overrides) -> "SampleConfig":
-        """The paper's sampler: RK4 with 100 steps."""
-        return cls(**{"solver": "rk4", "steps": 100, **overrides})
+        return cls(**{**PAPER_SAMPLER, **overrides})
 
 
 class EvalConfig(_Cfg):
@@ -140,22 +143,33 @@ class RunConfig(_Cfg):
 
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         """Apply ``section.key=value`` overrides (values parsed as JSON, else kept as strings)."""
-        data = self.model_dump()
+        values = {}
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form section.key=value")
             key, raw = item.split("=", 1)
             try:
-                value = json.loads(raw)
+                values[key] = json.loads(raw)
             except json.JSONDecodeError:
-                value = raw
+                values[key] = raw
+        return self.with_values(values)
+
+    def with_values(self, values: dict) -> "RunConfig":
+        """Apply ``{"section.key": value}`` (the --set form, values already parsed); a preset is a dict of these.
+        An unknown key, or a value of the wrong type, is a ValueError naming it."""
+        data = self.model_dump()
+        for key, value in values.items():
             node = data
             *path, last = key.split(".")
             for part in path:
                 if part not in node or not isinstance(node[part], dict):
-                    raise ValueError(f"override {item!r}: no config section {part!r}")
+                    raise ValueError(f"override {key}={value!r}: no config section {part!r}")
                 node = node[part]
             if last not in node and path[-1:] != ["args"]:
-                raise ValueError(f"override {item!r}: unknown key {last!r}")
+                raise ValueError(f"override {key}={value!r}: unknown key {last!r}")
             node[last] = value
-        return RunConfig.model_validate(data)
+        try:
+            return RunConfig.model_validate(data)
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"invalid config value ({bad})") from None

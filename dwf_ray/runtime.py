@@ -9,6 +9,7 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
@@ -52,7 +53,32 @@ def wait_with_progress(refs: list, desc: str) -> list:
     return out
 
 
-
 def chunks(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     """Consecutive row blocks of ``size``: one Ray Data block (and task) each, so every worker gets a share."""
     return [df.iloc[i:i + size] for i in range(0, len(df), size)]
+
+
+def task_device() -> str:
+    """"cuda" inside a Ray task or actor that was given a GPU, else "cpu"."""
+    import torch
+    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def map_chunks(fn, sets: dict[str, tuple[tuple, tuple]], desc: str, chunk: int = 64, num_gpus: float = 0.0,
+               **kwargs) -> dict[str, tuple]:
+    """Ray tasks ``fn(*shared, *rows, **kwargs)`` over chunks of several named sets; outputs concatenated per set.
+
+    ``sets[name] = (shared arguments, arrays with one row per model)``; only the latter are chunked.
+    ``num_gpus``: GPUs given to each task.
+    """
+    remote = ray.remote(fn).options(num_gpus=num_gpus)
+    jobs, refs = [], []
+    for name, (shared, rows) in sets.items():
+        for i in range(0, len(rows[0]), chunk):
+            jobs.append(name)
+            refs.append(remote.remote(*shared, *(r[i:i + chunk] for r in rows), **kwargs))
+    results = wait_with_progress(refs, desc)
+    out: dict[str, list] = {name: [] for name in sets}
+    for name, res in zip(jobs, results):
+        out[name].append(res)
+    return {name: tuple(np.concatenate(col) for col in zip(*parts)) for name, parts in out.items()}

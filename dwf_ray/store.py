@@ -92,16 +92,35 @@ def read_table(uri: str) -> pd.DataFrame:
     return pq.read_table(io.BytesIO(read_bytes(uri))).to_pandas()
 
 
-class RunStore:
-    """One run root (``runs/<name>`` or ``s3://bucket/prefix``); every stage reads and writes under it."""
+def _normalise(root: str) -> str:
+    if is_local(root):
+        root = os.path.abspath(root.removeprefix("file://"))
+    return root.rstrip("/")
 
-    def __init__(self, root: str):
-        if is_local(root):
-            root = os.path.abspath(root.removeprefix("file://"))
-        self.root = root.rstrip("/")
+
+class RunStore:
+    """One run root (``runs/<name>`` or ``s3://bucket/prefix``); every stage reads and writes under it.
+
+    ``zoo_root``: where the zoo stage's outputs live when another run owns them (a variant sharing its zoo).
+    """
+
+    def __init__(self, root: str, zoo_root: str | None = None):
+        self.root = _normalise(root)
+        self.zoo_root = _normalise(zoo_root) if zoo_root else self.root
 
     def uri(self, *parts: str) -> str:
         return join(self.root, *parts)
+
+    def stage_uri(self, stage: str, *parts: str) -> str:
+        """A path inside a stage's folder (the zoo's may belong to another run root)."""
+        return join(self.zoo_root if stage == "zoo" else self.root, STAGE_FOLDERS[stage], *parts)
+
+    def manifest(self, stage: str) -> pd.DataFrame:
+        return read_table(self.stage_uri(stage, "manifest.parquet"))
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds taken by each complete stage of this root (its own stages, not a shared zoo's)."""
+        return {s: self.stage_info(f)["seconds"] for s, f in STAGE_FOLDERS.items() if s != "eval" and self.done(f)}
 
     def done(self, stage: str) -> bool:
         return exists(self.uri(stage, "_SUCCESS"))
@@ -126,3 +145,20 @@ def pyarrow_storage(uri: str):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     fs, path = _fs(uri)
     return path, PyFileSystem(FSSpecHandler(fs))
+
+
+# Every stage's folder under a run root, in pipeline order (the pipeline maps each to its function).
+STAGE_FOLDERS = {"zoo": "zoo", "canon": "canonical", "pca": "pca", "flow": "flow", "sample": "samples",
+                 "eval": "report"}
+NO_CANON = "nocanon"   # the sub-run without canonicalization that the report compares against
+
+
+def ok_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The usable rows of a manifest (status "ok"), in model_id order."""
+    return manifest[manifest["status"] == "ok"].sort_values("model_id")
+
+
+def counts(manifest: pd.DataFrame) -> dict:
+    """Rows in, usable and failed: a stage's bookkeeping, which must add up."""
+    ok = int((manifest["status"] == "ok").sum())
+    return {"rows": len(manifest), "ok": ok, "error": len(manifest) - ok}

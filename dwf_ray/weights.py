@@ -195,3 +195,13 @@ def to_module(arch: ArchSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
     model = build_model(arch)
     model.load_state_dict(state_to_torch(state), strict=False)
     return model.eval()
+
+
+def load_flat_models(uris, arch: ArchSpec) -> np.ndarray:
+    """(n, d) float32 flat weights of checkpoints, validated against ``arch``, in the order given."""
+    layout = WeightLayout.from_arch(arch)
+    uris = list(uris)
+    out = np.empty((len(uris), layout.size), dtype=np.float32)
+    for row, uri in zip(out, uris):
+        row[:] = layout.flatten(load_model_state(uri, arch)[0])
+    return out

@@ -61,3 +61,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def dwf(*args: str) -> str:
+    """The `dwf` command in this process; fails the test with its output unless it exits 0."""
+    from typer.testing import CliRunner
+    from dwf_ray.cli import app
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, ray_session):
+    """A finished run root of the smoke preset (every stage), shared by the tests that read one."""
+    from tests.presets import SMOKE
+    root = tmp_path_factory.mktemp("runs") / "smoke"
+    out = dwf("run", "--preset", SMOKE, "--root", str(root))
+    return root, out

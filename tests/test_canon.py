@@ -4,7 +4,7 @@ import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon.matching import canonicalize, distance, weight_matching
-from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
+from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 
 ARCHS = [ArchSpec("mlp", {"in_dim": 64, "hidden": [32, 32], "out_dim": 10}),
          ArchSpec("mlp", {"in_dim": 8, "hidden": [16, 12, 20], "out_dim": 4, "activation": "tanh"})]
@@ -68,7 +68,7 @@ def test_permutation_spec_of_mlp_names_every_hidden_axis():
 
 def test_weight_matching_is_generic_over_the_spec():
     """A hand-written spec for a 2-layer net without the MLP helper: same guarantees."""
-    from dwf_ray.canon.perm_spec import PermutationSpec
+    from dwf_ray.archs.perm_spec import PermutationSpec
     spec = PermutationSpec({"a": ("H", None), "b": ("H",), "c": (None, "H")})
     rng = np.random.default_rng(0)
     ref = {"a": rng.normal(size=(9, 4)), "b": rng.normal(size=9), "c": rng.normal(size=(3, 9))}

@@ -6,7 +6,7 @@ import torch
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon.activations import ActivationMatcher
 from dwf_ray.canon.matching import canonicalize
-from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
+from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.weights import to_module
 from tests.test_canon_conv import ARCHS as CONV_ARCHS, input_batch, random_state
 

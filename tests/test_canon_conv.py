@@ -6,7 +6,7 @@ import torchvision
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon.matching import canonicalize, distance
-from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
+from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.weights import CheckpointError, WeightLayout, to_module, validate_state
 
 ARCHS = {

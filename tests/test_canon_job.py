@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
-from dwf_ray.canon.job import run_canon
-from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
+from dwf_ray.canon.job import canonicalize_manifest
+from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.cli import app
 from dwf_ray.config import CanonConfig, ZooConfig
 from dwf_ray.weights import checkpoint_bytes, load_model_state, save_checkpoint, to_module
@@ -57,7 +57,7 @@ def test_bad_rows_on_s3_each_keep_their_error_and_the_rest_complete(s3_server, r
     (tmp_path / "a_folder.safetensors").mkdir()                           # not a file: an OSError, not a CheckpointError
     man.loc[8, "uri"] = str(tmp_path / "a_folder.safetensors")
 
-    out = run_canon(man, CanonConfig(min_actors=1, max_actors=1, batch_size=3), out_dir)
+    out = canonicalize_manifest(man, CanonConfig(min_actors=1, max_actors=1, batch_size=3), out_dir)
 
     assert len(out) == len(man) and list(out["model_id"]) == sorted(man["model_id"])
     status, error = dict(zip(out["model_id"], out["status"])), dict(zip(out["model_id"], out["error"]))
@@ -83,9 +83,9 @@ def test_activation_matching_job_aligns_by_training_inputs(ray_session, tmp_path
     save_checkpoint(man.loc[2, "uri"], apply_permutation(spec, random_permutation(spec, ref, seed=1), ref), ARCH)
     cfg = CanonConfig(method="activations", activation_samples=200, min_actors=1, max_actors=1, batch_size=2)
     with pytest.raises(ValueError, match="canon.method=activations needs the zoo's dataset"):
-        run_canon(man, cfg, str(tmp_path / "none"))
+        canonicalize_manifest(man, cfg, str(tmp_path / "none"))
 
-    out = run_canon(man, cfg, str(tmp_path / "canonical"), ZooConfig(arch={"family": ARCH.family, "args": ARCH.args}))
+    out = canonicalize_manifest(man, cfg, str(tmp_path / "canonical"), ZooConfig(arch={"family": ARCH.family, "args": ARCH.args}))
 
     assert (out["status"] == "ok").all() and len(out) == 4
     ok = out.set_index("model_id")
@@ -128,7 +128,7 @@ def test_worker_killed_mid_job_every_model_still_completes(ray_session, tmp_path
     killer = threading.Thread(target=kill_one_worker_mid_job)
     killer.start()
     try:
-        out = run_canon(man, CanonConfig(min_actors=2, max_actors=2, batch_size=4), str(out_dir))
+        out = canonicalize_manifest(man, CanonConfig(min_actors=2, max_actors=2, batch_size=4), str(out_dir))
     finally:
         finished.set()
         killer.join()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
-from dwf_ray.canon.perm_spec import apply_permutation, random_permutation
+from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, nearest, noise_baseline,
                                     wrong_iou, zoo_nn_median)
 from dwf_ray.weights import WeightLayout

@@ -10,20 +10,8 @@ from typer.testing import CliRunner
 from dwf_ray.cli import app
 from dwf_ray.weights import load_model_state, save_checkpoint
 
-runner = CliRunner()
-
-
-def dwf(*args: str) -> str:
-    result = runner.invoke(app, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("runs") / "smoke"
-    out = dwf("run", "--preset", "smoke", "--root", str(root))
-    return root, out
+from tests.conftest import dwf
+from tests.presets import SMOKE
 
 
 def test_run_produces_every_artefact(smoke_run):
@@ -67,7 +55,7 @@ def test_run_produces_every_artefact(smoke_run):
 def test_rerun_skips_completed_stages_and_stage_commands_work(smoke_run):
     root, _ = smoke_run
     config_mtime = (root / "config.json").stat().st_mtime_ns
-    out = dwf("run", "--preset", "smoke", "--root", str(root))
+    out = dwf("run", "--preset", SMOKE, "--root", str(root))
     for stage in ("zoo", "canon", "pca", "flow", "sample", "eval"):
         assert f"[{stage}] complete" in out and "skipped" in out
     assert (root / "config.json").stat().st_mtime_ns == config_mtime   # a finished root is left untouched
@@ -81,7 +69,7 @@ def test_rerun_skips_completed_stages_and_stage_commands_work(smoke_run):
 
 def test_changed_config_on_existing_root_is_a_clear_error(smoke_run):
     root, _ = smoke_run
-    result = runner.invoke(app, ["run", "--preset", "smoke", "--root", str(root), "--set", "sample.n=3"])
+    result = CliRunner().invoke(app, ["run", "--preset", SMOKE, "--root", str(root), "--set", "sample.n=3"])
     assert result.exit_code != 0 and "different config" in result.output
 
 

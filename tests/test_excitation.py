@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from dwf_ray.archs import ArchSpec, build_model
-from dwf_ray.eval.excitation import excitation_ratio, input_moments
+from dwf_ray.analysis.excitation import excitation_ratio, input_moments
 
 
 def params(arch: ArchSpec, seed: int) -> dict[str, np.ndarray]:

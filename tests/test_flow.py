@@ -7,11 +7,22 @@ import pytest
 import torch
 
 from dwf_ray.config import FlowConfig, SampleConfig
+from dwf_ray.flow.checkpoint import LatentScaler
 from dwf_ray.flow.model import VelocityMLP
-from dwf_ray.flow.sample import sample_latents
-from dwf_ray.flow.train import (LatentScaler, lr_lambda, ot_pair, source_noise, train_in_process, training_times)
+from dwf_ray.flow.path import ot_pair, source_noise, training_times
+from dwf_ray.flow.trainer import lr_lambda, train_in_process
+from dwf_ray.sample.generator import Decoder, Generator
 
 IDENTITY = LatentScaler(np.zeros(4), np.ones(4))
+
+
+def sample_latents(net, scaler, n, source_std=1.0, temperature=1.0, solver="rk4", steps=100, seed=0,
+                   source="gaussian", label=None, guidance=1.0) -> np.ndarray:
+    """Latents from a bare velocity net through the Generator (no PCA: the latents are the samples)."""
+    classes = net.n_classes or 1
+    gen = Generator(net, FlowConfig(source=source, source_std=source_std), [Decoder(scaler, None, None)] * classes,
+                    [str(c) for c in range(classes)] if net.n_classes else None)
+    return gen.latents(n, temperature, seed, solver, steps, label, guidance)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,8 +55,8 @@ def test_source_noise_and_training_times():
     assert float(unif.abs().max()) <= math.sqrt(3) and float(gauss.abs().max()) > math.sqrt(3)
     with pytest.raises(ValueError, match="unknown source distribution 'laplace'"):
         source_noise("laplace", (2, 2), g)
-    uniform_t = training_times(FlowConfig(), 20000, g)
-    logit_t = training_times(FlowConfig(time_dist="logit_normal", time_loc=0.5, time_scale=0.8), 20000, g)
+    uniform_t = training_times("uniform", 20000, g)
+    logit_t = training_times("logit_normal", 20000, g, loc=0.5, scale=0.8)
     assert abs(float(uniform_t.std()) - 1 / math.sqrt(12)) < 0.01
     assert 0 < float(logit_t.min()) and float(logit_t.max()) < 1
     assert abs(float(logit_t.median()) - 1 / (1 + math.exp(-0.5))) < 0.01
@@ -139,7 +150,8 @@ def test_an_unconditional_net_rejects_labels():
 def test_ray_train_run_resumes_from_its_latest_checkpoint_after_a_worker_failure(tmp_path, ray_session):
     """The first attempt's worker raises right after reporting step 120; FailureConfig restarts the worker
     group, which resumes from a checkpoint (not step 0) and completes."""
-    from dwf_ray.flow.train import load_flow, run_flow, train_loop
+    from dwf_ray.flow.checkpoint import load_flow
+    from dwf_ray.flow.train import train_flow, train_loop
     marker = tmp_path / "crashed"
 
     def crash_once(config):
@@ -160,7 +172,7 @@ def test_ray_train_run_resumes_from_its_latest_checkpoint_after_a_worker_failure
     z, _ = same_moment_classes(64)
     cfg = FlowConfig(hidden=32, depth=2, time_dim=16, steps=200, eval_every=40, warmup_steps=10, num_workers=1,
                      max_failures=1)
-    info = run_flow(z, cfg, str(tmp_path / "flow"), loop=crash_once)
+    info = train_flow(z, cfg, str(tmp_path / "flow"), loop=crash_once)
     assert marker.exists()
     assert len(info["resumed_at"]) == 1 and 40 <= info["resumed_at"][0] <= 120, info["resumed_at"]
     assert [h["step"] for h in info["history"]] == [40, 80, 120, 160, 200]   # each step once, up to the end
@@ -193,8 +205,8 @@ def two_small_zoos(tmp_path_factory, ray_session):
 def test_one_conditional_flow_generates_models_for_two_zoos(two_small_zoos, tmp_path):
     import json
     import pandas as pd
-    from dwf_ray.flow.conditional import ConditionalConfig, run_conditional
-    from dwf_ray.flow.train import load_flow
+    from dwf_ray.conditional import ConditionalConfig, run_conditional
+    from dwf_ray.flow.checkpoint import load_flow
     from dwf_ray.weights import load_model_state
     cfg = ConditionalConfig(roots=two_small_zoos, guidance=[0.0, 1.0, 2.0]).with_overrides([
         "flow.steps=300", "flow.eval_every=100", "flow.hidden=64", "flow.warmup_steps=10", "flow.num_workers=1",

@@ -65,7 +65,7 @@ def submit(address: str, env: dict, entrypoint: list[str]) -> subprocess.Complet
 def test_stages_run_as_ray_jobs(ray_head, tmp_path):
     address, env = ray_head
     root = tmp_path / "run"
-    for stage, extra in [("zoo", ["--preset", "smoke", "--set", "zoo.n_models=4"]), ("canon", [])]:
+    for stage, extra in [("zoo", ["--preset", "tests/presets/smoke.json", "--set", "zoo.n_models=4"]), ("canon", [])]:
         out = submit(address, env, ["python", "jobs/run.py", stage, "--root", str(root), *extra])
         assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
         assert f"[{stage}] done" in out.stdout

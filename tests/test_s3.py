@@ -8,12 +8,13 @@ from typer.testing import CliRunner
 from dwf_ray import store
 from dwf_ray.cli import app
 from dwf_ray.weights import load_model_state
+from tests.presets import SMOKE
 
 
 def test_whole_run_on_an_s3_root(s3_server, ray_session):
     bucket = s3_server()
     root = f"s3://{bucket}/runs/smoke"
-    result = CliRunner().invoke(app, ["run", "--preset", "smoke", "--root", root, "--set", "eval.compare_no_canon=false",
+    result = CliRunner().invoke(app, ["run", "--preset", SMOKE, "--root", root, "--set", "eval.compare_no_canon=false",
                                       "--set", "zoo.n_models=6", "--set", "sample.n=4"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     fs = s3fs.S3FileSystem()

@@ -1,4 +1,4 @@
-"""Head swap and fine-tuning for transfer learning (dwf_ray.eval.transfer), on more than one architecture."""
+"""Head swap and fine-tuning for transfer learning (dwf_ray.analysis.transfer), on more than one architecture."""
 import numpy as np
 import pytest
 import torch
@@ -7,8 +7,8 @@ import torch.nn as nn
 from dwf_ray.archs import REGISTRY, ArchSpec, build_model
 from dwf_ray.config import ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.eval.accuracy import accuracy
-from dwf_ray.eval.transfer import find_head, fine_tune, replace_head, source_model, transfer_accuracies
+from dwf_ray.accuracy import accuracy
+from dwf_ray.analysis.transfer import find_head, fine_tune, replace_head, source_model, transfer_accuracies
 from dwf_ray.zoo import train_classifier
 
 SOURCE = [0, 1, 2, 3, 4]

@@ -6,7 +6,7 @@ import torch
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon import transfusion
 from dwf_ray.canon.matching import canonicalize, distance
-from dwf_ray.canon.perm_spec import apply_permutation, compose_heads, random_permutation, split_heads
+from dwf_ray.archs.perm_spec import apply_permutation, compose_heads, random_permutation, split_heads
 from dwf_ray.weights import to_module
 
 ARCHS = {

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from dwf_ray.canon.perm_spec import PermutationSpec
+from dwf_ray.archs.perm_spec import PermutationSpec
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dwf_ray.archs import ArchSpec, build_model, register
-from dwf_ray.canon.perm_spec import PermutationSpec
+from dwf_ray.archs.perm_spec import PermutationSpec
 
 
 class CNN(nn.Module):

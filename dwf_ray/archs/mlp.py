@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from dwf_ray.archs import ArchSpec, register
-from dwf_ray.canon.perm_spec import PermutationSpec
+from dwf_ray.archs.perm_spec import PermutationSpec
 
 
 class MLP(nn.Module):

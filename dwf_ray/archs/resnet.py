@@ -6,7 +6,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 
 from dwf_ray.archs import ArchSpec, register
 from dwf_ray.archs.cnn import build_on_meta, module_axes
-from dwf_ray.canon.perm_spec import PermutationSpec
+from dwf_ray.archs.perm_spec import PermutationSpec
 
 
 class ResNet(nn.Module):

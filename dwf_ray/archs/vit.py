@@ -6,7 +6,7 @@ import math
 import torch.nn as nn
 
 from dwf_ray.archs import ArchSpec, register
-from dwf_ray.canon.perm_spec import AttentionSpec, PermutationSpec
+from dwf_ray.archs.perm_spec import AttentionSpec, PermutationSpec
 
 RESIDUAL = "R"
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
 from dwf_ray.archs import ArchSpec, permutation_spec
-from dwf_ray.canon.perm_spec import PermutationSpec, apply_permutation
+from dwf_ray.archs.perm_spec import PermutationSpec, apply_permutation
 from dwf_ray.weights import to_module
 
 _UNIT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)

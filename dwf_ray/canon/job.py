@@ -13,10 +13,12 @@ from dwf_ray import store
 from dwf_ray.archs import ArchSpec, permutation_spec
 from dwf_ray.canon.activations import ActivationMatcher, check_supported
 from dwf_ray.canon.matching import canonicalize, distance
-from dwf_ray.config import CanonConfig, ZooConfig
+from dwf_ray.config import CanonConfig, RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import chunks
-from dwf_ray.weights import CheckpointError, WeightLayout, load_model_state, row_error, save_checkpoint
+from dwf_ray.runtime import chunks, task_device
+from dwf_ray.store import RunStore
+from dwf_ray.weights import (CheckpointError, WeightLayout, load_flat_models, load_model_state, row_error,
+                             save_checkpoint)
 
 _RESULT_COLUMNS = ["canon_uri", "dist_before", "dist_after"]
 _NO_RESULT = {"canon_uri": "", "dist_before": np.nan, "dist_after": np.nan}
@@ -29,7 +31,7 @@ class Canonicalizer:
                  activation_inputs: np.ndarray | None = None):
         import torch
         torch.set_num_threads(1)
-        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else None
+        self.device = task_device()
         self.arch = ArchSpec.from_json(arch_json)
         self.cfg = CanonConfig.model_validate_json(cfg_json)
         self.spec = permutation_spec(self.arch)
@@ -83,7 +85,7 @@ def remove_partial_writes(out_dir: str) -> int:
 
 
 def _reference_row(manifest: pd.DataFrame, cfg: CanonConfig) -> pd.Series:
-    ok = manifest[manifest["status"] == "ok"].sort_values("model_id")
+    ok = store.ok_rows(manifest)
     if ok.empty:
         raise ValueError("canonicalize: no usable models in the zoo manifest")
     if cfg.reference >= len(ok):
@@ -96,7 +98,8 @@ def _reference_row(manifest: pd.DataFrame, cfg: CanonConfig) -> pd.Series:
     return ref_row
 
 
-def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str, zoo: ZooConfig | None = None) -> pd.DataFrame:
+def canonicalize_manifest(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str,
+                          zoo: ZooConfig | None = None) -> pd.DataFrame:
     """Canonicalize every usable model of a zoo manifest into ``out_dir``; one output row per input row.
 
     ``zoo`` names the training data that ``cfg.method="activations"`` runs the models on; the driver loads
@@ -135,3 +138,21 @@ def run_canon(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str, zoo: ZooCo
         out[["model_id", *_RESULT_COLUMNS, "status", "error"]], on="model_id", how="left")
     merged["reference_id"] = ref_row["model_id"]
     return merged.sort_values("model_id").reset_index(drop=True)
+
+
+def run_canon(cfg: RunConfig, st: RunStore) -> dict:
+    """The canon stage: every row of the zoo manifest into canonical/, one output row each."""
+    zoo_man = st.manifest("zoo")
+    man = canonicalize_manifest(zoo_man, cfg.canon, st.stage_uri("canon"), cfg.zoo)
+    store.write_table(st.stage_uri("canon", "manifest.parquet"), man)
+    ok = man[man["status"] == "ok"]
+    info = store.counts(man) | {"rows_in": len(zoo_man), "enabled": cfg.canon.enabled,
+                                "dist_before_mean": float(ok["dist_before"].mean()),
+                                "dist_after_mean": float(ok["dist_after"].mean())}
+    return info
+
+
+def load_canonical(cfg: RunConfig, st: RunStore) -> tuple[pd.DataFrame, np.ndarray]:
+    """The usable canonical models of a run: (their manifest rows, flat weights (n, d))."""
+    ok = store.ok_rows(st.manifest("canon"))
+    return ok, load_flat_models(ok["canon_uri"], ArchSpec.parse(cfg.zoo.arch))

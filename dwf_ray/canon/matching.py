@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from dwf_ray.canon.perm_spec import PermutationSpec, apply_permutation, permute_tensor, split_heads
+from dwf_ray.archs.perm_spec import PermutationSpec, apply_permutation, permute_tensor, split_heads
 from dwf_ray.canon.transfusion import head_spectra, match_heads, spectral_head_assignment
 
 

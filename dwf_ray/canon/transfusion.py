@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from dwf_ray.canon.perm_spec import AttentionSpec, PermutationSpec, compose_heads
+from dwf_ray.archs.perm_spec import AttentionSpec, PermutationSpec, compose_heads
 
 
 def attention_spectra(att: AttentionSpec, state: dict[str, torch.Tensor]) -> np.ndarray:

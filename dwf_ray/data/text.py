@@ -26,6 +26,15 @@ _FORM_CDF = np.cumsum([0.2, 0.2, 0.25, 0.175, 0.175])[:-1]
 _OPENERS = ["honestly", "overall", "well", "frankly", "in short", "to be fair", "i think", "sadly", "luckily"]
 
 
+def synth_vocabulary() -> set[str]:
+    """Every word (and the comma) that generated reviews use; each occurs in any few thousand of them."""
+    phrases = _ASPECTS + _POSITIVE + _NEGATIVE + _VERBS + _NEGATORS + _INTENSIFIERS + _OPENERS
+    return {"the", "and", "but", "although", ","} | {w for p in phrases for w in p.split()}
+
+
+SYNTH_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(synth_vocabulary())   # the text-synth tokenizer's vocabulary
+
+
 def _pick(rng: np.random.Generator, words: list[str]) -> str:
     return words[rng.integers(len(words))]
 

@@ -44,7 +44,7 @@ def matched_nearest(arch_json: str, zoo: np.ndarray, models: np.ndarray, cands: 
     """(distance, index) of the nearest zoo model up to permutation: each model is weight-matched onto
     each of its candidate zoo models and the smallest distance is kept (never more than the direct one).
     ``residual``: transformers' residual streams are matched too (as ``canon.residual``)."""
-    from dwf_ray.eval.scoring import task_device
+    from dwf_ray.runtime import task_device
     arch = ArchSpec.from_json(arch_json)
     layout, spec, dev = WeightLayout.from_arch(arch), permutation_spec(arch), task_device()
     dist, idx = np.empty(len(models)), np.empty(len(models), dtype=int)

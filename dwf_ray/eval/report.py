@@ -143,3 +143,14 @@ novelty >= 0.25: {', '.join(op.get('passing_settings') or []) or 'none'}.
 """
     store.write_bytes(store.join(report_dir, "report.md"), md.encode())
     return md
+
+
+def summary_text(metrics: dict, report_uri: str, total: float | None = None) -> str:
+    """The accuracy and trade-off tables and the verdict, as printed at the end of a run."""
+    acc = {"zoo": metrics["accuracy"]["zoo"], "generated": metrics["accuracy"]["generated"]}
+    if "generated_no_canon" in metrics["accuracy"]:
+        acc["generated (no canon)"] = metrics["accuracy"]["generated_no_canon"]
+    op = metrics["operating_point"]
+    return ("\n" + accuracy_table(acc) + "\n\n" + tradeoff_table(metrics["tradeoff"]) +
+            f"\n\nnovelty ratio {op['novelty']:.3f}; beats baselines at equal novelty: {op['accepted']}; "
+            f"report: {report_uri}" + (f"; total {total:.1f} s" if total else ""))

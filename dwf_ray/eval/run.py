@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import numpy as np
 
+from dwf_ray import store
 from dwf_ray.archs import ArchSpec, permutation_spec
+from dwf_ray.canon.job import load_canonical
 from dwf_ray.canon.matching import canonicalize
 from dwf_ray.config import EvalConfig, RunConfig
 from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, noise_baseline,
                                     wrong_iou, zoo_nn_median)
-from dwf_ray.eval.report import summary
-from dwf_ray.eval.scoring import map_chunks, score_many
-from dwf_ray.flow.sample import generate
-from dwf_ray.weights import WeightLayout
+from dwf_ray.eval.report import summary, write_report
+from dwf_ray.eval.scoring import score_many
+from dwf_ray.runtime import map_chunks
+from dwf_ray.sample import sample_sets
+from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore
+from dwf_ray.weights import WeightLayout, load_flat_models
 
 
 def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residual: bool = False) -> tuple[np.ndarray]:
     """Weight-match (TransFusion for attention) each flat model onto the reference: (canonical flat models,)."""
-    from dwf_ray.eval.scoring import task_device
+    from dwf_ray.runtime import task_device
     arch = ArchSpec.from_json(arch_json)
     layout, spec, dev = WeightLayout.from_arch(arch), permutation_spec(arch), task_device()
     ref_state = layout.unflatten(ref)
@@ -69,17 +73,17 @@ def score_and_match(arch: ArchSpec, cfg: RunConfig, sets: dict[str, np.ndarray],
     return scores, nn, float(np.median(nn["zoo"][0]))
 
 
-def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndarray, flow_uri: str,
-             pca_dir: str, reference: np.ndarray, no_canon: np.ndarray | None = None) -> tuple[dict, dict]:
-    """Returns (metrics, accuracies per set). All flat weights are in canonical space except ``no_canon``."""
+def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: dict[str, tuple[float, np.ndarray]],
+             reference: np.ndarray, no_canon: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Returns (metrics, accuracies per set). ``generated``: samples/ sub-folder -> (temperature, flat models),
+    "" being the configured temperature. All flat weights are in canonical space except ``no_canon``."""
     ec, sc = cfg.eval, cfg.sample
     zoo_median = zoo_nn_median(zoo)      # direct distance: the noise baseline's scale and the spread's unit
-    sets: dict[str, np.ndarray] = {"zoo": zoo, "generated": generated}
-    labels: dict[str, tuple[str, str]] = {"generated": ("generator", f"T={sc.temperature:g}")}
-    for i, temp in enumerate(t for t in ec.temperatures if not np.isclose(t, sc.temperature)):
-        key = f"gen_T{temp:g}"
-        sets[key] = generate(flow_uri, pca_dir, sc.n, temp, sc.solver, sc.steps, sc.seed + 1 + i)
-        labels[key] = ("generator", f"T={temp:g}")
+    sets: dict[str, np.ndarray] = {"zoo": zoo}
+    labels: dict[str, tuple[str, str]] = {}
+    for folder, (temp, flat) in generated.items():
+        key = f"gen_{folder}" if folder else "generated"
+        sets[key], labels[key] = flat, ("generator", f"T={temp:g}")
     for key, (method, setting, flat) in baseline_sets(zoo, ec, zoo_median).items():
         sets[key], labels[key] = flat, (method, setting)
     if no_canon is not None:   # aligned onto the reference afterwards, so that distances compare
@@ -101,7 +105,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
     op = next(p for p in points if p["key"] == "generated")
     noise_acc, interp_acc = baseline_at(points, "noise", op["novelty"]), baseline_at(points, "interpolation", op["novelty"])
     passing = [p["setting"] for p in points if p["method"] == "generator" and p["novelty"] >= 0.25 and p["margin"] > 0]
-    gen_acc = scores["generated"][0]
+    gen_acc, generated = scores["generated"][0], sets["generated"]
     accuracy = {"zoo": summary(zoo_acc), "generated": summary(gen_acc)}
     if no_canon is not None:
         accuracy["generated_no_canon"] = summary(scores["no_canon"][0])
@@ -126,3 +130,26 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: np.ndar
                             "passing_settings": passing},   # every temperature that passes
     }
     return metrics, {"zoo": zoo_acc, "generated": gen_acc}
+
+
+def run_eval(cfg: RunConfig, st: RunStore) -> dict:
+    """The eval stage: score the zoo, every set of samples, the baselines (and the no-canon variant's samples
+    when that sub-run exists); writes report/."""
+    arch = ArchSpec.parse(cfg.zoo.arch)
+    ok, zoo_flat = load_canonical(cfg, st)
+    reference = zoo_flat[list(ok["model_id"]).index(ok["reference_id"].iloc[0])]
+    generated = {folder: (temp, load_flat_models(store.read_table(st.uri("samples", folder, "manifest.parquet"))["uri"],
+                                                 arch))
+                 for folder, (temp, _) in sample_sets(cfg).items()}
+    sub = RunStore(st.uri(NO_CANON), zoo_root=st.zoo_root)
+    with_no_canon = cfg.eval.compare_no_canon and cfg.canon.enabled and sub.done(STAGE_FOLDERS["sample"])
+    no_canon = load_flat_models(sub.manifest("sample")["uri"], arch) if with_no_canon else None
+    metrics, accs = evaluate(cfg, arch, zoo_flat, generated, reference, no_canon)
+    metrics["root"] = st.root
+    metrics["timings"] = st.stage_seconds()
+    if with_no_canon:
+        metrics["timings"].update({f"{k} (no canon)": v for k, v in sub.stage_seconds().items()})
+    metrics["counts"] = {s: st.stage_info(STAGE_FOLDERS[s]) for s in ("zoo", "canon") if st.done(STAGE_FOLDERS[s])}
+    write_report(st.uri("report"), metrics, accs["zoo"], accs["generated"])
+    return {"zoo_acc": metrics["accuracy"]["zoo"]["mean"], "gen_acc": metrics["accuracy"]["generated"]["mean"],
+            "novelty": metrics["diversity"]["novelty_ratio"], "accepted": metrics["operating_point"]["accepted"]}

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
+from dwf_ray.config import FlowConfig
+
 
 class TimeEmbedding(nn.Module):
     def __init__(self, dim: int):
@@ -58,3 +60,7 @@ class VelocityMLP(nn.Module):
             y = torch.full((len(x),), self.n_classes, dtype=torch.long, device=x.device)
         heads = self.out(self.body(torch.cat([x, self.time(t) + self.label(y)], dim=1)))
         return heads.view(len(x), self.n_classes + 1, self.dim)[torch.arange(len(x), device=x.device), y]
+
+
+def build_velocity_net(cfg: FlowConfig, dim: int, n_classes: int = 0) -> VelocityMLP:
+    return VelocityMLP(dim, cfg.hidden, cfg.depth, cfg.time_dim, cfg.dropout, n_classes)

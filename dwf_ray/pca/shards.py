@@ -13,11 +13,13 @@ import ray
 from tqdm.auto import tqdm
 
 from dwf_ray import store
-from dwf_ray.config import PCAConfig
+from dwf_ray.archs import ArchSpec
+from dwf_ray.config import PCAConfig, RunConfig
 from dwf_ray.pca.dual import centre_gram, component_weights, latents, top_eigen
 from dwf_ray.pca.gram import GramShard, plan_blocks
 from dwf_ray.pca.reader import model_columns
 from dwf_ray.pca.shardfile import Shard, load_shard
+from dwf_ray.store import RunStore
 from dwf_ray.weights import WeightLayout
 
 
@@ -98,6 +100,15 @@ def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLay
             "shards": [s | {"file": f} for s, f in zip(stats, shard_files)]}
     store.write_json(store.join(out_dir, "meta.json"), meta)
     return meta
+
+
+def run_pca(cfg: RunConfig, st: RunStore) -> dict:
+    """The pca stage: dual PCA of the usable canonical models; writes pca/."""
+    ok = store.ok_rows(st.manifest("canon"))
+    meta = fit_distributed_pca(list(ok["canon_uri"]), list(ok["model_id"]), WeightLayout.from_arch(
+        ArchSpec.parse(cfg.zoo.arch)), cfg.pca, st.stage_uri("pca"))
+    return {"n": meta["n"], "d": meta["d"], "k": meta["k"],
+            "explained_variance_total": meta["explained_variance_total"]}
 
 
 class PCAModel:

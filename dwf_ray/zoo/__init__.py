@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from dwf_ray import store
+from dwf_ray.accuracy import accuracy
 from dwf_ray.archs import ArchSpec, build_model
-from dwf_ray.runtime import chunks
-from dwf_ray.config import ZooConfig
+from dwf_ray.config import RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.eval.accuracy import accuracy
-from dwf_ray.runtime import wait_with_progress
+from dwf_ray.runtime import chunks, wait_with_progress
+from dwf_ray.store import RunStore
 from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, row_error, save_checkpoint
 
 MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "sha256",
@@ -80,7 +80,7 @@ def train_member(cfg_json: str, seed: int, model_id: str, uri: str) -> dict:
     return _row(model_id, uri, arch, cfg, seed, **info)
 
 
-def run_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
+def train_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
     """Train ``cfg.n_models`` models as Ray tasks; returns the manifest (one row per model)."""
     cfg_json = cfg.model_dump_json()
     refs = []
@@ -112,7 +112,7 @@ def _import_batch(batch: pd.DataFrame, arch_json: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def import_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str, batch_size: int = 16) -> pd.DataFrame:
+def import_checkpoints(source: str, arch: ArchSpec, dataset: str, out_dir: str, batch_size: int = 16) -> pd.DataFrame:
     """Import a folder or S3 prefix of safetensors / PyTorch state_dict files as a zoo, in parallel Ray tasks.
 
     Every file gets a manifest row; files that fail validation keep status "error" and their reason.
@@ -131,3 +131,38 @@ def import_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str, batch_si
     man = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri"])
     man["arch"], man["dataset"], man["seed"] = arch.to_json(), dataset, -1
     return man.sort_values("model_id").reset_index(drop=True)
+
+
+def check_arch_fits_data(arch: ArchSpec, zoo_cfg: ZooConfig) -> None:
+    """Load the dataset once (a missing file fails here, naming it) and run the model on two training examples:
+    a model that does not take the dataset's inputs or classes fails before any zoo task starts."""
+    data = dataset_for(zoo_cfg)
+    model = build_model(arch).eval()
+    where = f"arch {arch.to_json()} on dataset {zoo_cfg.dataset!r}"
+    vocab = arch.args.get("vocab_size")
+    if data.vocab_size is not None and (vocab is None or vocab < data.vocab_size):
+        raise ValueError(f"{where}: the tokenizer has {data.vocab_size} tokens but the model's vocab_size is {vocab}")
+    try:
+        with torch.no_grad():
+            out = model(data.train.x[:2])
+    except Exception as exc:  # shape errors come from deep inside the model
+        raise ValueError(f"{where}: the model does not take inputs of shape {tuple(data.train.x.shape[1:])} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if tuple(out.shape) != (2, data.n_classes):
+        raise ValueError(f"{where}: the model outputs {tuple(out.shape[1:])} values per example, "
+                         f"the dataset has {data.n_classes} classes")
+
+
+def run_zoo(cfg: RunConfig, st: RunStore) -> dict:
+    """The zoo stage: train ``cfg.zoo.n_models`` models; writes zoo/ and its manifest."""
+    check_arch_fits_data(ArchSpec.parse(cfg.zoo.arch), cfg.zoo)
+    man = train_zoo(cfg.zoo, st.stage_uri("zoo"))
+    store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
+    return store.counts(man) | {"test_acc_mean": float(man["test_acc"].mean())}
+
+
+def run_import(cfg: RunConfig, st: RunStore, source: str) -> dict:
+    """The zoo stage for checkpoints trained elsewhere: every file under ``source`` gets a manifest row."""
+    man = import_checkpoints(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, st.stage_uri("zoo"))
+    store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
+    return store.counts(man) | {"source": source}

@@ -13,7 +13,7 @@ import torch.nn as nn
 from dwf_ray.archs import ArchSpec, build_model
 from dwf_ray.config import ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.eval.accuracy import accuracy, recalibrate_batchnorm
+from dwf_ray.accuracy import accuracy, recalibrate_batchnorm
 from dwf_ray.weights import to_module
 from dwf_ray.zoo import train_classifier
 

@@ -12,21 +12,25 @@ and interpolation baselines at equal novelty. Output root::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dwf_ray import store
+from dwf_ray.archs import ArchSpec
+from dwf_ray.canon.job import load_canonical
 from dwf_ray.config import FlowConfig, RunConfig, SampleConfig
-from dwf_ray.flow.sample import sample_latents, write_samples
-from dwf_ray.flow.train import LatentScaler, load_flow, run_flow
+from dwf_ray.eval.diversity import zoo_nn_median
+from dwf_ray.eval.report import summary
+from dwf_ray.eval.run import baseline_at, baseline_sets, score_and_match
+from dwf_ray.flow.checkpoint import LatentScaler
+from dwf_ray.flow.train import train_flow
 from dwf_ray.pca.shards import PCAModel
-from dwf_ray.store import RunStore
-from dwf_ray.weights import WeightLayout, load_model_state
-
-if TYPE_CHECKING:
-    from dwf_ray.pipeline import Pipeline
+from dwf_ray.runtime import ensure_ray
+from dwf_ray.sample.generator import Generator
+from dwf_ray.store import STAGE_FOLDERS, RunStore
+from dwf_ray.weights import load_flat_models
 
 
 class ConditionalConfig(BaseModel):
@@ -58,30 +62,29 @@ class ConditionalConfig(BaseModel):
 
 @dataclass
 class ZooClass:
-    """One class: its run root's pipeline, PCA and latents."""
+    """One class: its run root, config, PCA and latents."""
     name: str
-    pipe: "Pipeline"
+    st: RunStore
+    cfg: RunConfig
     pca: PCAModel
     z: np.ndarray
 
     @property
-    def layout(self) -> WeightLayout:
-        return WeightLayout.from_arch(self.pipe.arch)
-
-    def read_flat(self, manifest_uri: str) -> np.ndarray:
-        man = store.read_table(manifest_uri)
-        return np.stack([self.layout.flatten(load_model_state(u, self.pipe.arch)[0]) for u in man["uri"]])
+    def arch(self) -> ArchSpec:
+        return ArchSpec.parse(self.cfg.zoo.arch)
 
     @classmethod
     def load(cls, name: str, root: str) -> "ZooClass":
-        from dwf_ray.pipeline import STAGE_DIRS, Pipeline
-        pipe = Pipeline(root)
+        st = RunStore(root)
+        if not store.exists(st.uri("config.json")):
+            raise ValueError(f"{st.root}: no config.json in this run root")
         for stage in ("canon", "pca"):
-            if not pipe.store.done(STAGE_DIRS[stage]):
-                raise ValueError(f"{pipe.store.root}: the {stage} stage is not complete; run `dwf run` or "
+            if not st.done(STAGE_FOLDERS[stage]):
+                raise ValueError(f"{st.root}: the {stage} stage is not complete; run `dwf run` or "
                                  f"`dwf {stage}` on it first")
-        pca_dir = pipe.store.uri("pca")
-        return cls(name, pipe, PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir))
+        cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))
+        pca_dir = st.uri("pca")
+        return cls(name, st, cfg, PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir))
 
 
 def _w_key(w: float) -> str:
@@ -94,33 +97,21 @@ def train_conditional(classes: list[ZooClass], cfg: ConditionalConfig, out: RunS
     scalers = [LatentScaler.fit(c.z[:, :k], cfg.flow.scaling) for c in classes]
     u = np.concatenate([s.transform(c.z[:, :k]) for s, c in zip(scalers, classes)]).astype(np.float32)
     labels = np.concatenate([np.full(len(c.z), i) for i, c in enumerate(classes)])
-    info = run_flow(u, cfg.flow.model_copy(update={"scaling": "none"}), out.uri("flow"), labels=labels)
+    info = train_flow(u, cfg.flow.model_copy(update={"scaling": "none"}), out.uri("flow"), labels=labels)
     store.write_json(out.uri("flow", "classes.json"), {"k": k, "classes": [
-        {"name": c.name, "root": c.pipe.store.root, "n": len(c.z), "mean": s.mean.tolist(), "scale": s.scale.tolist()}
+        {"name": c.name, "root": c.st.root, "n": len(c.z), "mean": s.mean.tolist(), "scale": s.scale.tolist()}
         for c, s in zip(classes, scalers)]})
     return {key: v for key, v in info.items() if key != "history"} | {"k": k}
 
 
-def sample_class(flow_uri: str, label: int, scaler: LatentScaler, pca: PCAModel, sc: SampleConfig,
-                 guidance: float) -> np.ndarray:
-    """Flat weights of ``sc.n`` models of class ``label``, decoded with that zoo's PCA."""
-    net, _, fc = load_flow(flow_uri)
-    z = sample_latents(net, scaler, sc.n, fc.source_std, sc.temperature, sc.solver, sc.steps, sc.seed, fc.source,
-                       label=label, guidance=guidance)
-    return pca.decode(np.pad(z, ((0, 0), (0, pca.k - z.shape[1]))))
-
-
 def evaluate_class(c: ZooClass, generated: dict[str, np.ndarray], baselines: bool) -> dict:
     """Accuracy and novelty (up to permutation) of each generated set against the class's zoo."""
-    from dwf_ray.eval.diversity import zoo_nn_median
-    from dwf_ray.eval.report import summary
-    from dwf_ray.eval.run import baseline_at, baseline_sets, score_and_match
-    _, zoo = c.pipe.canonical_models()
+    _, zoo = load_canonical(c.cfg, c.st)
     sets, methods = {"zoo": zoo, **generated}, {}
     if baselines:
-        for key, (method, _, flat) in baseline_sets(zoo, c.pipe.cfg.eval, zoo_nn_median(zoo)).items():
+        for key, (method, _, flat) in baseline_sets(zoo, c.cfg.eval, zoo_nn_median(zoo)).items():
             sets[key], methods[key] = flat, method
-    scores, nn, unit = score_and_match(c.pipe.arch, c.pipe.cfg, sets, f"conditional: {c.name}")
+    scores, nn, unit = score_and_match(c.arch, c.cfg, sets, f"conditional: {c.name}")
     points = [{"method": method, "acc": float(scores[key][0].mean() * 100),
                "novelty": float(np.median(nn[key][0]) / unit)} for key, method in methods.items()]
     rows = {}
@@ -153,7 +144,6 @@ def report_table(metrics: dict) -> str:
 
 def run_conditional(cfg: ConditionalConfig, out_root: str, log=print) -> dict:
     """Train, sample every class at every guidance scale, evaluate; stages already complete are skipped."""
-    from dwf_ray.runtime import ensure_ray
     names = cfg.class_names()
     out = RunStore(out_root)
     cfg_uri = out.uri("config.json")
@@ -168,20 +158,17 @@ def run_conditional(cfg: ConditionalConfig, out_root: str, log=print) -> dict:
         log(f"[conditional flow] training on {', '.join(f'{c.name} ({len(c.z)})' for c in classes)}")
         out.mark_done("flow", train_conditional(classes, cfg, out))
     spec = store.read_json(out.uri("flow", "classes.json"))
-    flow_uri = out.uri("flow", "model.pt")
+    gen, sc = Generator.load(out.root), cfg.sample
     metrics = {"k": spec["k"], "flow": out.stage_info("flow"), "classes": {}}
-    for label, (c, cs) in enumerate(zip(classes, spec["classes"])):
-        scaler = LatentScaler(cs["mean"], cs["scale"])
+    for label, c in enumerate(classes):
         generated = {}
         for w in cfg.guidance:
             folder = f"samples/{c.name}/{_w_key(w)}"
-            if out.done(folder):
-                generated[_w_key(w)] = c.read_flat(out.uri(folder, "manifest.parquet"))
-                continue
-            flat = generated[_w_key(w)] = sample_class(flow_uri, label, scaler, c.pca, cfg.sample, w)
-            man = write_samples(flat, c.layout, c.pipe.arch, out.uri(folder))
-            store.write_table(out.uri(folder, "manifest.parquet"), man)
-            out.mark_done(folder, {"n": len(man), "guidance": w})
+            if not out.done(folder):
+                flat = gen(sc.n, sc.temperature, sc.seed, sc.solver, sc.steps, label=label, guidance=w)
+                out.mark_done(folder, {"n": len(gen.write(out.uri(folder), flat, label)), "guidance": w})
+            generated[_w_key(w)] = load_flat_models(store.read_table(out.uri(folder, "manifest.parquet"))["uri"],
+                                                    c.arch)
         log(f"[conditional eval] {c.name}: scoring {len(generated)} generated sets against its zoo")
         metrics["classes"][c.name] = evaluate_class(c, generated, cfg.baselines)
     table = report_table(metrics)

@@ -1,0 +1,1 @@
+"""Analyses used by the benchmarks (transfer learning, excitation); not a pipeline stage."""

@@ -1,0 +1,156 @@
+"""The Generator: a finished run's flow, latent scaler(s) and PCA decoder(s), loaded once, turned into new
+flat weights on demand. The sample stage, evaluation, conditional runs, the benches and the Serve app use it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dwf_ray import store
+from dwf_ray.archs import ArchSpec
+from dwf_ray.config import FlowConfig, RunConfig
+from dwf_ray.flow.checkpoint import LatentScaler, load_flow
+from dwf_ray.flow.path import source_noise
+from dwf_ray.flow.solvers import integrate
+from dwf_ray.pca.shards import PCAModel
+from dwf_ray.weights import WeightLayout, save_checkpoint
+
+
+def guided_velocity(net: torch.nn.Module, label: int | None, guidance: float):
+    """f(t, x) for the ODE solver. With a label (conditional flow): v_uncond + w (v_cond - v_uncond);
+    w = 1 is the plain conditional flow, w = 0 the unconditional one."""
+    if label is None:
+        return lambda t, x: net(x, t)
+    if not 0 <= label < getattr(net, "n_classes", 0):
+        raise ValueError(f"label {label} is out of range for a flow with {getattr(net, 'n_classes', 0)} classes")
+
+    def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        y = torch.full((n,), label, dtype=torch.long, device=x.device)
+        if guidance == 1.0:
+            return net(x, t, y)
+        null = torch.full((n,), net.n_classes, dtype=torch.long, device=x.device)
+        v = net(torch.cat([x, x]), t.expand(2 * n) if t.dim() == 0 else torch.cat([t, t]), torch.cat([y, null]))
+        v_cond, v_uncond = v[:n], v[n:]
+        return v_uncond + guidance * (v_cond - v_uncond)
+    return f
+
+
+@dataclass
+class Decoder:
+    """Standardised latents -> flat weights of one zoo: its latent scaler, PCA and architecture."""
+    scaler: LatentScaler
+    pca: PCAModel
+    arch: ArchSpec
+
+    def __call__(self, u: np.ndarray) -> np.ndarray:
+        z = self.scaler.inverse(u)
+        if z.shape[1] < self.pca.k:     # a conditional flow keeps the smallest k of its zoos
+            z = np.pad(z, ((0, 0), (0, self.pca.k - z.shape[1])))
+        return self.pca.decode(z)
+
+
+def write_samples(flat: np.ndarray, arch: ArchSpec, out_dir: str, prefix: str = "g") -> pd.DataFrame:
+    """Each flat vector as a safetensors checkpoint under ``out_dir``; returns their manifest."""
+    layout = WeightLayout.from_arch(arch)
+    rows = []
+    for i, vec in enumerate(flat):
+        model_id = f"{prefix}{i:05d}"
+        uri = store.join(out_dir, f"{model_id}.safetensors")
+        sha = save_checkpoint(uri, layout.unflatten(vec), arch)
+        rows.append({"model_id": model_id, "uri": uri, "arch": arch.to_json(), "sha256": sha,
+                     "n_params": layout.size, "status": "ok", "error": ""})
+    return pd.DataFrame(rows)
+
+
+class Generator:
+    """``gen(n, temperature, seed, solver, steps, label, guidance)`` -> (n, d) flat weights (canonical space).
+
+    The source noise of a call comes from its own ``seed`` (never a fixed set of vectors), so calls can be
+    solved together (``source`` then ``solve``) without changing any one of them.
+    """
+
+    def __init__(self, net: torch.nn.Module, flow_cfg: FlowConfig, decoders: list[Decoder],
+                 class_names: list[str] | None = None, device: str = "cpu"):
+        self.net, self.flow_cfg, self.decoders = net.to(device).eval(), flow_cfg, decoders
+        self.class_names, self.device = class_names, device
+        self.dim = net.dim
+
+    @classmethod
+    def load(cls, root: str, device: str = "cpu") -> "Generator":
+        """From a run root whose flow stage is complete (local or S3); a conditional run's root too."""
+        classes_uri = store.join(root, "flow", "classes.json")
+        net, scaler, fc = load_flow(store.join(root, "flow", "model.pt"))
+        if store.exists(classes_uri):
+            spec = store.read_json(classes_uri)["classes"]
+            decoders = [Decoder(LatentScaler(c["mean"], c["scale"]), PCAModel.load(store.join(c["root"], "pca")),
+                                _run_arch(c["root"])) for c in spec]
+            return cls(net, fc, decoders, [c["name"] for c in spec], device)
+        return cls(net, fc, [Decoder(scaler, PCAModel.load(store.join(root, "pca")), _run_arch(root))],
+                   device=device)
+
+    @property
+    def conditional(self) -> bool:
+        return self.class_names is not None
+
+    def decoder(self, label: int | None) -> Decoder:
+        if not self.conditional:
+            if label is not None:
+                raise ValueError(f"label {label} given, but this flow is unconditional")
+            return self.decoders[0]
+        if label is None:
+            raise ValueError(f"this conditional flow needs a label: one of 0..{len(self.decoders) - 1} "
+                             f"({', '.join(self.class_names)})")
+        if not 0 <= label < len(self.decoders):
+            raise ValueError(f"label {label} is out of range for a flow with {len(self.decoders)} classes "
+                             f"({', '.join(self.class_names)})")
+        return self.decoders[label]
+
+    def source(self, n: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
+        """(n, dim) source noise of one call: the flow's source distribution, scaled by ``temperature``."""
+        g = torch.Generator().manual_seed(seed)
+        return source_noise(self.flow_cfg.source, (n, self.dim), g) * self.flow_cfg.source_std * temperature
+
+    @torch.no_grad()
+    def solve(self, x0: torch.Tensor, solver: str = "rk4", steps: int = 100, label: int | None = None,
+              guidance: float = 1.0) -> np.ndarray:
+        """Standardised latents at t = 1 of the flow started at ``x0``."""
+        self.decoder(label)
+        u = integrate(guided_velocity(self.net, label, guidance), x0.to(self.device), solver, steps)
+        return u.cpu().numpy()
+
+    def decode(self, u: np.ndarray, label: int | None = None) -> np.ndarray:
+        return self.decoder(label)(u)
+
+    def latents(self, n: int, temperature: float = 1.0, seed: int = 0, solver: str = "rk4", steps: int = 100,
+                label: int | None = None, guidance: float = 1.0) -> np.ndarray:
+        """(n, k) PCA latents (the scaler undone) of new models."""
+        u = self.solve(self.source(n, seed, temperature), solver, steps, label, guidance)
+        return self.decoder(label).scaler.inverse(u)
+
+    def __call__(self, n: int, temperature: float = 1.0, seed: int = 0, solver: str = "rk4", steps: int = 100,
+                 label: int | None = None, guidance: float = 1.0) -> np.ndarray:
+        u = self.solve(self.source(n, seed, temperature), solver, steps, label, guidance)
+        return self.decode(u, label)
+
+    def arch(self, label: int | None = None) -> ArchSpec:
+        return self.decoder(label).arch
+
+    def state_dicts(self, flat: np.ndarray, label: int | None = None) -> list[dict[str, np.ndarray]]:
+        layout = WeightLayout.from_arch(self.arch(label))
+        return [layout.unflatten(v) for v in flat]
+
+    def write(self, out_dir: str, flat: np.ndarray, label: int | None = None) -> pd.DataFrame:
+        """Checkpoints of ``flat`` under ``out_dir`` and their manifest (manifest.parquet too)."""
+        man = write_samples(flat, self.arch(label), out_dir)
+        store.write_table(store.join(out_dir, "manifest.parquet"), man)
+        return man
+
+
+def _run_arch(root: str) -> ArchSpec:
+    uri = store.join(root, "config.json")
+    if not store.exists(uri):
+        raise FileNotFoundError(f"{root}: no config.json; not a dwf run root")
+    return ArchSpec.parse(RunConfig.model_validate(store.read_json(uri)).zoo.arch)
