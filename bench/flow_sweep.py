@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 
-import numpy as np
 import torch
 
 from dwf_ray.analysis.zoo_scorer import open_run

@@ -2,7 +2,7 @@
 
 In one run, on this machine:
 - our fit with 2 actors and with 1 (one CPU and one BLAS thread each);
-- the paper's algorithm (bench/paper_baseline.py: models streamed as rows, float16 Gram, randomized SVD)
+- the paper's algorithm (dwf_ray/analysis/paper_pca.py: models streamed as rows, float16 Gram, randomized SVD)
   with the memory of our 2 actors;
 - scikit-learn's PCA and IncrementalPCA on the largest set of whole tensors that fits --sklearn-max-gib,
   and our fit on the same tensors;
@@ -39,7 +39,6 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY
 import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 GIB = 1 << 30
 
 
@@ -184,7 +183,7 @@ def run_ours(uris: list[str], layout, n_shards: int, budget: int, k: int, out_di
 
 
 def _child(fn, kwargs: dict, queue) -> None:
-    import paper_baseline  # noqa: F401  (imports outside the timed and measured part)
+    import dwf_ray.analysis.paper_pca  # noqa: F401  (imports outside the timed and measured part)
     import sklearn.decomposition  # noqa: F401
     from threadpoolctl import threadpool_limits
     from dwf_ray.pca.gram import peak_rss
@@ -213,7 +212,7 @@ def in_child(fn, **kwargs) -> dict:
 
 
 def paper_run(uris, entries, k, block) -> dict:
-    from paper_baseline import paper_fit
+    from dwf_ray.analysis.paper_pca import paper_fit
     r = paper_fit(uris, entries, k, block)
     r["seconds_to_latents"] = r.pop("seconds")
     r["eigenvalues"] = r["eigenvalues"].tolist()

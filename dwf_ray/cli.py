@@ -1,12 +1,18 @@
 """The ``dwf`` command: the whole pipeline (``dwf run``) or one stage at a time on a run root."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepWeightFlow on Ray: generate neural-network weights from a zoo of checkpoints.")
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr naming the problem, then exit (2: a bad command line or input)."""
+    typer.echo(f"dwf: error: {message}", err=True)
+    raise typer.Exit(code)
+
 
 _ROOT = typer.Option(None, "--root", help="run root: a folder or s3://bucket/prefix (default runs/<name>)")
 _NAME = typer.Option(None, "--name", help="run name under runs/ (default: the preset's name)")
@@ -32,7 +38,7 @@ def _pipeline(preset: Optional[str], root: Optional[str], name: Optional[str], o
             root = f"runs/{name or cfg.preset}"
         return Pipeline(root, cfg, restart_from=restart_from, log=typer.echo)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        fail(str(exc))
 
 
 @app.command()
@@ -55,7 +61,7 @@ def zoo(ctx: typer.Context, preset: Optional[str] = _PRESET, root: Optional[str]
     if ctx.invoked_subcommand is None:
         _pipeline(preset, root, name, set_, restart_from).run_stage("zoo")
     elif preset or root or name or set_ or restart_from:
-        raise typer.BadParameter(f"put the options after the subcommand: dwf zoo {ctx.invoked_subcommand} ... --root ...")
+        fail(f"put the options after the subcommand: dwf zoo {ctx.invoked_subcommand} ... --root ...")
 
 
 def _arch_json(value: str) -> str:
@@ -66,7 +72,7 @@ def _arch_json(value: str) -> str:
         arch = ArchSpec.from_json(store.read_bytes(value[1:]).decode() if value.startswith("@") else value)
         build_model(arch)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise typer.BadParameter(f"--arch {value!r} is not a usable ArchSpec: {exc}") from exc
+        fail(f"--arch {value!r} is not a usable ArchSpec: {exc}")
     return arch.to_json()
 
 
@@ -124,7 +130,7 @@ def conditional(
         cfg.class_names()
         run_conditional(cfg, root, log=typer.echo)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        fail(str(exc))
 
 
 @app.command()

@@ -79,3 +79,72 @@ def smoke_run(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("runs") / "smoke"
     out = dwf("run", "--preset", SMOKE, "--root", str(root))
     return root, out
+
+
+# -- one small example of every architecture family, and helpers for the family contracts -----------------
+def family_examples() -> dict:
+    """name -> ArchSpec: at least one small model of every registered family."""
+    from dwf_ray.archs import ArchSpec
+    return {
+        "mlp": ArchSpec("mlp", {"in_dim": 64, "hidden": [32, 32], "out_dim": 10}),
+        "mlp-deep-tanh": ArchSpec("mlp", {"in_dim": 8, "hidden": [16, 12, 20], "out_dim": 4, "activation": "tanh"}),
+        "cnn": ArchSpec("cnn", {"in_channels": 1, "image_size": 8, "channels": [16, 32], "n_classes": 10}),
+        "cnn-nopool": ArchSpec("cnn", {"in_channels": 3, "image_size": 8, "channels": [8, 12, 16], "n_classes": 5,
+                                       "pool": False}),
+        "resnet18-cifar": ArchSpec("resnet18", {"num_classes": 10, "cifar_stem": True, "width": 8}),
+        "resnet18-imagenet-stem": ArchSpec("resnet18", {"num_classes": 10, "in_channels": 1, "width": 8}),
+        "resnet20": ArchSpec("resnet20", {"num_classes": 10, "width": 8}),
+        "vit": ArchSpec("vit", {"image_size": 8, "patch_size": 2, "num_layers": 2, "num_heads": 4, "hidden_dim": 32,
+                                "mlp_dim": 64, "num_classes": 10, "in_channels": 1}),
+        "bert": ArchSpec("bert", {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 16,
+                                  "num_labels": 3}),
+    }
+
+
+def random_state(arch, seed: int) -> dict:
+    """Every floating tensor of an initialised model, with BatchNorm affine and running statistics random and
+    noise on constant-initialised tensors (zero biases, LayerNorms), so that each must follow its channel."""
+    import torch
+    from dwf_ray.archs import build_model
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.1 * torch.randn_like(p))
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def example_inputs(arch, n: int = 16, seed: int = 123):
+    """A seeded batch the model takes: features, images, or token ids with padding."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    if arch.family == "mlp":
+        return torch.randn(n, arch.args["in_dim"], generator=g)
+    if arch.family == "bert":
+        ids = torch.randint(1, arch.args["vocab_size"], (n, 12), generator=g)
+        for row, length in enumerate(torch.randint(3, 13, (n,), generator=g).tolist()):
+            ids[row, length:] = 0  # padding
+        return ids
+    size = arch.args.get("image_size", 16)
+    return torch.randn(n, arch.args.get("in_channels", 3), size, size, generator=g)
+
+
+def outputs(arch, state: dict):
+    import torch
+    from dwf_ray.weights import to_module
+    with torch.no_grad():
+        return to_module(arch, state)(example_inputs(arch)).numpy()
+
+
+def assert_same_function(arch, a: dict, b: dict) -> None:
+    import numpy as np
+    out_a, out_b = outputs(arch, a), outputs(arch, b)
+    np.testing.assert_allclose(out_a, out_b, rtol=1e-4, atol=1e-4 * np.abs(out_a).max())

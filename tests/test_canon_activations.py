@@ -8,16 +8,13 @@ from dwf_ray.canon.activations import ActivationMatcher
 from dwf_ray.canon.matching import canonicalize
 from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.weights import to_module
-from tests.test_canon_conv import ARCHS as CONV_ARCHS, input_batch, random_state
+from tests.conftest import example_inputs, family_examples, random_state
 
-ARCHS = {"mlp": ArchSpec("mlp", {"in_dim": 64, "hidden": [32, 32], "out_dim": 10}),
-         **{k: CONV_ARCHS[k] for k in ("cnn", "resnet20", "resnet18-cifar")}}
+ARCHS = {k: family_examples()[k] for k in ("mlp", "cnn", "resnet20", "resnet18-cifar")}
 
 
 def inputs(arch: ArchSpec) -> torch.Tensor:
-    if arch.family == "mlp":
-        return torch.randn(64, arch.args["in_dim"], generator=torch.Generator().manual_seed(7))
-    return input_batch(arch, 32)
+    return example_inputs(arch, 64 if arch.family == "mlp" else 32, seed=7)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -1,56 +1,20 @@
-"""Canonicalization of the convolutional families (BatchNorm, residual streams): the properties of every family."""
+"""The convolutional families (BatchNorm, residual streams): their specs, layouts and torchvision parity
+(the properties every family shares are in test_family_contracts.py)."""
 import numpy as np
 import pytest
 import torch
 import torchvision
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
-from dwf_ray.canon.matching import canonicalize, distance
-from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
-from dwf_ray.weights import CheckpointError, WeightLayout, to_module, validate_state
+from dwf_ray.weights import CheckpointError, WeightLayout, validate_state
+from tests.conftest import family_examples, random_state
 
-ARCHS = {
-    "cnn": ArchSpec("cnn", {"in_channels": 1, "image_size": 8, "channels": [16, 32], "n_classes": 10}),
-    "cnn-nopool": ArchSpec("cnn", {"in_channels": 3, "image_size": 8, "channels": [8, 12, 16], "n_classes": 5,
-                                   "pool": False}),
-    "resnet18-cifar": ArchSpec("resnet18", {"num_classes": 10, "cifar_stem": True, "width": 8}),
-    "resnet18-imagenet-stem": ArchSpec("resnet18", {"num_classes": 10, "in_channels": 1, "width": 8}),
-    "resnet20": ArchSpec("resnet20", {"num_classes": 10, "width": 8}),
-}
+ARCHS = {k: v for k, v in family_examples().items() if v.family in ("cnn", "resnet18", "resnet20")}
 IDS = list(ARCHS)
-
-
-def input_batch(arch: ArchSpec, n: int = 8) -> torch.Tensor:
-    channels = arch.args.get("in_channels", 3)
-    size = arch.args.get("image_size", 16)
-    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(123))
-
-
-def random_state(arch: ArchSpec, seed: int) -> dict[str, np.ndarray]:
-    """Parameters and floating buffers; BN affine and running statistics random, so each must follow its channel."""
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0.0, 0.2)
-            m.running_mean.normal_(0.0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return {k: v.numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 def parameters(arch: ArchSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: state[k] for k in WeightLayout.from_arch(arch).names}
-
-
-def outputs(arch: ArchSpec, state: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return to_module(arch, state)(input_batch(arch)).numpy()
-
-
-def assert_same_function(arch: ArchSpec, a: dict, b: dict):
-    out_a, out_b = outputs(arch, a), outputs(arch, b)
-    np.testing.assert_allclose(out_a, out_b, rtol=1e-4, atol=1e-4 * np.abs(out_a).max())
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -66,47 +30,6 @@ def test_spec_covers_every_floating_tensor(name):
     assert spec.axes["fc.weight"][0] is None and spec.axes["fc.weight"][1] is not None
     assert not any(k.endswith("num_batches_tracked") for k in spec.axes)
     spec.sizes(state)  # every permutation acts on axes of one size
-
-
-@pytest.mark.parametrize("name", IDS)
-def test_canonicalized_model_computes_the_same_function_and_moves_closer(name):
-    arch = ARCHS[name]
-    spec = permutation_spec(arch)
-    ref, other = random_state(arch, 0), random_state(arch, 1)
-    ref_params = parameters(arch, ref)
-    moved, perm = canonicalize(spec, ref_params, other)
-    assert set(moved) == set(other)
-    assert any((p != np.arange(len(p))).any() for p in perm.values()), "matching found nothing to permute"
-    assert_same_function(arch, moved, other)
-    names = list(ref_params)
-    assert distance(ref, moved, names) < distance(ref, other, names)
-
-
-@pytest.mark.parametrize("name", IDS)
-def test_permuted_reference_maps_back_exactly(name):
-    arch = ARCHS[name]
-    spec = permutation_spec(arch)
-    ref = random_state(arch, 0)
-    ref_params = parameters(arch, ref)
-    for seed in range(2):
-        scrambled = apply_permutation(spec, random_permutation(spec, ref, seed), ref)
-        assert distance(ref, scrambled, list(ref)) > 1.0
-        assert_same_function(arch, scrambled, ref)
-        back, _ = canonicalize(spec, ref_params, scrambled)
-        for k in ref:  # buffers included: running statistics went back with their channels
-            np.testing.assert_array_equal(back[k], ref[k], err_msg=k)
-
-
-@pytest.mark.parametrize("name", IDS)
-def test_canonicalizing_twice_changes_nothing(name):
-    arch = ARCHS[name]
-    spec = permutation_spec(arch)
-    ref, other = random_state(arch, 0), random_state(arch, 2)
-    once, _ = canonicalize(spec, parameters(arch, ref), other)
-    twice, perm = canonicalize(spec, parameters(arch, ref), once)
-    assert all((p == np.arange(len(p))).all() for p in perm.values())
-    for k in once:
-        np.testing.assert_array_equal(once[k], twice[k], err_msg=k)
 
 
 @pytest.mark.parametrize("name", IDS)

@@ -1,56 +1,19 @@
-"""TransFusion canonicalization of the transformer families (ViT, BERT), with and without the residual stream."""
+"""TransFusion for the transformer families (ViT, BERT): spectra, head assignment, devices (the properties
+every family shares are in test_family_contracts.py)."""
 import numpy as np
 import pytest
 import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.canon import transfusion
-from dwf_ray.canon.matching import canonicalize, distance
-from dwf_ray.archs.perm_spec import apply_permutation, compose_heads, random_permutation, split_heads
-from dwf_ray.weights import to_module
+from dwf_ray.canon.matching import canonicalize
+from dwf_ray.archs.perm_spec import apply_permutation, compose_heads
+from tests.conftest import family_examples, random_state
 
-ARCHS = {
-    "vit": ArchSpec("vit", {"image_size": 8, "patch_size": 2, "num_layers": 2, "num_heads": 4, "hidden_dim": 32,
-                            "mlp_dim": 64, "num_classes": 10, "in_channels": 1}),
-    "bert": ArchSpec("bert", {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                              "intermediate_size": 64, "max_position_embeddings": 16, "num_labels": 3}),
-}
-CASES = [(name, residual) for name in ARCHS for residual in (False, True)]
-CASE_IDS = [f"{name}-{'residual' if residual else 'heads-mlp'}" for name, residual in CASES]
+ARCHS = {k: v for k, v in family_examples().items() if k in ("vit", "bert")}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def random_state(arch: ArchSpec, seed: int) -> dict[str, np.ndarray]:
-    """An initialised model plus noise on every parameter (the initial classifier, biases and LayerNorms are
-    constant, which would hide permutation mistakes)."""
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def inputs(arch: ArchSpec) -> torch.Tensor:
-    g = torch.Generator().manual_seed(123)
-    if arch.family == "vit":
-        return torch.randn(16, 1, 8, 8, generator=g)
-    ids = torch.randint(1, arch.args["vocab_size"], (16, 12), generator=g)
-    for row, length in enumerate(torch.randint(3, 13, (16,), generator=g).tolist()):
-        ids[row, length:] = 0  # padding
-    return ids
-
-
-def outputs(arch: ArchSpec, state: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return to_module(arch, state)(inputs(arch)).numpy()
-
-
-def assert_same_function(arch: ArchSpec, a: dict, b: dict):
-    out_a, out_b = outputs(arch, a), outputs(arch, b)
-    np.testing.assert_allclose(out_a, out_b, rtol=1e-4, atol=1e-5 * np.abs(out_a).max())
 
 
 def residual_tensors(arch: ArchSpec) -> list[str]:
@@ -71,53 +34,6 @@ def test_spec_covers_every_tensor_and_residual_is_optional(name):
     assert residual_tensors(arch), "LayerNorms and embeddings follow the residual stream"
     plain = spec.without_residual()
     assert all("R" not in perms for perms in plain.axes.values())
-
-
-@pytest.mark.parametrize("name,residual", CASES, ids=CASE_IDS)
-def test_canonicalized_model_computes_the_same_function_and_moves_closer(name, residual):
-    arch = ARCHS[name]
-    spec = permutation_spec(arch)
-    ref, other = random_state(arch, 0), random_state(arch, 1)
-    moved, perm = canonicalize(spec, ref, other, residual=residual)
-    assert_same_function(arch, moved, other)
-    assert distance(ref, moved, list(ref)) < distance(ref, other, list(ref))
-    heads = split_heads(perm["L0.qk"], 4)[0]
-    assert any((p != np.arange(len(p))).any() for p in perm.values()), "matching found nothing to permute"
-    assert sorted(heads) == [0, 1, 2, 3]
-    for k in residual_tensors(arch):
-        if residual:
-            np.testing.assert_array_equal(moved[k], apply_permutation(spec, {"R": perm["R"]}, {k: other[k]})[k])
-        else:
-            np.testing.assert_array_equal(moved[k], other[k])
-
-
-@pytest.mark.parametrize("name,residual", CASES, ids=CASE_IDS)
-def test_permuted_reference_maps_back_exactly(name, residual):
-    arch = ARCHS[name]
-    spec = permutation_spec(arch)
-    used = spec if residual else spec.without_residual()
-    ref = random_state(arch, 0)
-    for seed in range(2):
-        perm = random_permutation(used, ref, seed)
-        assert (split_heads(perm["L0.qk"], 4)[0] != np.arange(4)).any()
-        scrambled = apply_permutation(used, perm, ref)
-        assert distance(ref, scrambled, list(ref)) > 1.0
-        assert_same_function(arch, scrambled, ref)
-        back, _ = canonicalize(spec, ref, scrambled, residual=residual)
-        for k in ref:
-            np.testing.assert_array_equal(back[k], ref[k], err_msg=k)
-
-
-@pytest.mark.parametrize("name,residual", CASES, ids=CASE_IDS)
-def test_canonicalizing_twice_changes_nothing(name, residual):
-    arch = ARCHS[name]
-    spec = permutation_spec(arch)
-    ref, other = random_state(arch, 0), random_state(arch, 2)
-    once, _ = canonicalize(spec, ref, other, residual=residual)
-    twice, perm = canonicalize(spec, ref, once, residual=residual)
-    assert all((p == np.arange(len(p))).all() for p in perm.values())
-    for k in once:
-        np.testing.assert_array_equal(once[k], twice[k])
 
 
 def test_head_spectra_are_one_array_per_block_matching_each_heads_svd():
