@@ -33,7 +33,7 @@ from dwf_ray.canon.activations import ActivationMatcher
 from dwf_ray.canon.matching import canonicalize, distance
 from dwf_ray.data import dataset_for
 from dwf_ray.accuracy import accuracy, recalibrate_batchnorm
-from dwf_ray.eval.diversity import noise_baseline
+from dwf_ray.eval.baselines import noise_baseline
 from dwf_ray.analysis.excitation import excitation_ratio, input_moments
 from dwf_ray.pipeline import Pipeline
 from dwf_ray.weights import WeightLayout, load_model_state, to_module

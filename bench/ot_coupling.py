@@ -3,7 +3,7 @@
 On a finished run's canonical zoo and PCA latents (single process, the FlowTrainer of the Ray Train loop),
 trains the flow with independent and with OT-coupled source/target pairs (same seed, same steps), samples
 with each solver at several step counts from the same source noise and prints, per (coupling, solver, steps):
-mean test accuracy, novelty (up to permutation), the better baseline at equal novelty, and the solver error:
+mean test accuracy, functional novelty, the best baseline at equal functional novelty, and the solver error:
 median distance of the latents to the same coupling's RK4 100-step latents, in units of the zoo's median
 nearest-neighbour distance (PCA is orthonormal: latent distance = weight distance). Writes
 bench/results/ot_coupling_<train steps>.{json,png}.
@@ -39,7 +39,7 @@ def plot(rows: list[dict], path: str) -> None:
         for ax, key in zip(axes, ("acc", "novelty", "solver_error")):
             values = [p[key] if p[key] > 0 else np.nan for p in pts]     # the reference itself has no error
             ax.plot([p["steps"] for p in pts], values, style, color=color, label=f"{coupling}, {solver}")
-    for ax, label in zip(axes, ("mean test accuracy %", "novelty ratio", "solver error (zoo NN distances)")):
+    for ax, label in zip(axes, ("mean test accuracy %", "functional novelty", "solver error (zoo NN distances)")):
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(label)
@@ -97,7 +97,7 @@ def main() -> None:
                 row = {"coupling": coupling, "solver": solver, "steps": steps, "n_seeds": len(sel),
                        **{k: float(np.mean([r[k] for r in sel])) for k in ("acc", "novelty", "solver_error",
                                                                              "train_seconds")}}
-                row["best_baseline"] = max(scorer.baselines_at(row["novelty"]))
+                row["best_baseline"] = max(scorer.baselines_at(row["novelty"]).values())
                 rows.append(row)
                 print(f"| {coupling} | {solver} | {steps} | {row['acc']:.2f} | {row['novelty']:.3f} | "
                       f"{row['solver_error']:.4f} | {row['best_baseline']:.2f} | "

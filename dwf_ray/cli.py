@@ -8,6 +8,16 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepWeightFlow on Ray: generate neural-network weights from a zoo of checkpoints.")
 
+_VERBOSE = {"on": False}
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="show Ray's own log lines on the terminal (default: <root>/logs/dwf.log)")):
+    """DeepWeightFlow on Ray: generate neural-network weights from a zoo of checkpoints."""
+    _VERBOSE["on"] = verbose
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr naming the problem, then exit (2: a bad command line or input)."""
     typer.echo(f"dwf: error: {message}", err=True)
@@ -36,7 +46,7 @@ def _pipeline(preset: Optional[str], root: Optional[str], name: Optional[str], o
             if not (name or preset):
                 raise ValueError("give --root, --name or --preset")
             root = f"runs/{name or cfg.preset}"
-        return Pipeline(root, cfg, restart_from=restart_from, log=typer.echo)
+        return Pipeline(root, cfg, restart_from=restart_from, log=typer.echo, quiet=not _VERBOSE["on"])
     except ValueError as exc:
         fail(str(exc))
 

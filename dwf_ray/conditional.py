@@ -3,8 +3,8 @@
 Each class is a run root whose canon and pca stages are complete; it keeps its own architecture and PCA.
 Each zoo's latents are standardised on their own and cut to the smallest k of the zoos; one flow is trained
 on the union with the zoo index as label (Ray Train, the pipeline's flow loop). A class's samples are decoded
-with that zoo's PCA and scored against that zoo: test accuracy and novelty up to permutation, beside the noise
-and interpolation baselines at equal novelty. Output root::
+with that zoo's PCA and scored against that zoo: test accuracy and functional novelty, beside the baselines
+(eval/baselines.py) at equal functional novelty. Output root::
 
     config.json, flow/model.pt, flow/classes.json, samples/<class>/w<w>/*.safetensors + manifest.parquet,
     report/metrics.json, report/report.md
@@ -21,16 +21,18 @@ from dwf_ray import store
 from dwf_ray.archs import ArchSpec
 from dwf_ray.canon.job import load_canonical
 from dwf_ray.config import FlowConfig, RunConfig, SampleConfig
+from dwf_ray.eval.baselines import baseline_sets
 from dwf_ray.eval.diversity import zoo_nn_median
+from dwf_ray.eval.metrics import NOVELTY
 from dwf_ray.eval.report import summary
-from dwf_ray.eval.run import baseline_at, baseline_sets, score_and_match
+from dwf_ray.eval.run import GENERATOR, ScoredSet, ZooJudge, judge_sets
 from dwf_ray.flow.checkpoint import LatentScaler
 from dwf_ray.flow.train import train_flow
 from dwf_ray.pca.shards import PCAModel
 from dwf_ray.runtime import ensure_ray
 from dwf_ray.sample.generator import Generator
 from dwf_ray.store import STAGE_FOLDERS, RunStore
-from dwf_ray.weights import load_flat_models
+from dwf_ray.weights import WeightLayout, load_flat_models
 
 
 class ConditionalConfig(BaseModel):
@@ -105,40 +107,37 @@ def train_conditional(classes: list[ZooClass], cfg: ConditionalConfig, out: RunS
 
 
 def evaluate_class(c: ZooClass, generated: dict[str, np.ndarray], baselines: bool) -> dict:
-    """Accuracy and novelty (up to permutation) of each generated set against the class's zoo."""
+    """Accuracy, functional novelty and the margin over the best baseline of each generated set against the
+    class's own zoo."""
     _, zoo = load_canonical(c.cfg, c.st)
-    sets, methods = {"zoo": zoo, **generated}, {}
+    ec = c.cfg.eval
+    sets = [ScoredSet(key, GENERATOR, key, lambda flat=flat: flat, len(flat)) for key, flat in generated.items()]
     if baselines:
-        for key, (method, _, flat) in baseline_sets(zoo, c.cfg.eval, zoo_nn_median(zoo)).items():
-            sets[key], methods[key] = flat, method
-    scores, nn, unit = score_and_match(c.arch, c.cfg, sets, f"conditional: {c.name}")
-    points = [{"method": method, "acc": float(scores[key][0].mean() * 100),
-               "novelty": float(np.median(nn[key][0]) / unit)} for key, method in methods.items()]
-    rows = {}
-    for key in generated:
-        nov = float(np.median(nn[key][0]) / unit)
-        row = {"accuracy": summary(scores[key][0]), "novelty": nov,
-               "distinct_nearest_zoo_models": int(len(np.unique(nn[key][1])))}
-        if points:
-            row["noise_acc_at_novelty"] = baseline_at(points, "noise", nov)
-            row["interp_acc_at_novelty"] = baseline_at(points, "interpolation", nov)
-        rows[key] = row
-    return {"zoo": summary(scores["zoo"][0]), "generated": rows, "baselines": points}
+        sets += [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
+                 for b in baseline_sets(zoo, WeightLayout.from_arch(c.arch), ec, zoo_nn_median(zoo))]
+    judge = ZooJudge(c.arch, c.cfg, zoo)
+    points, results = judge_sets(judge, sets)
+    rows = {p["key"]: {"accuracy": summary(results[p["key"]].acc),
+                       **{k: p.get(k) for k in (NOVELTY, "similarity", "distinct_nearest", "best_baseline", "margin",
+                                                "margin_se")}}
+            for p in points if p["method"] == GENERATOR}
+    return {"zoo": summary(judge.result.acc), "generated": rows,
+            "baselines": [p for p in points if p["method"] != GENERATOR]}
 
 
 def report_table(metrics: dict) -> str:
-    lines = ["| class | models | mean acc % | std | min | max | novelty | noise % | interp % | delta pp | distinct NN |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| class | models | mean acc % | std | min | max | functional novelty | S | vs best baseline (SE) "
+             "| distinct NN |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in metrics["classes"].items():
         z = m["zoo"]
         lines.append(f"| {name} | zoo | {z['mean']:.2f} | {z['std']:.2f} | {z['min']:.2f} | {z['max']:.2f} "
-                     f"| - | - | - | - | - |")
+                     f"| 1.000 | - | - | - |")
         for key, row in m["generated"].items():
             a = row["accuracy"]
-            base = [row.get("noise_acc_at_novelty"), row.get("interp_acc_at_novelty")]
-            cells = [f"{b:.2f}" for b in base] + [f"{a['mean'] - max(base):+.2f}"] if None not in base else ["-"] * 3
+            margin = (f"{row['margin']:+.2f} ({row['margin_se']:.2f}) vs {row['best_baseline']}"
+                      if row.get("margin") is not None else "-")
             lines.append(f"| {name} | w={key[1:]} | {a['mean']:.2f} | {a['std']:.2f} | {a['min']:.2f} | {a['max']:.2f} "
-                         f"| {row['novelty']:.3f} | {' | '.join(cells)} | {row['distinct_nearest_zoo_models']} |")
+                         f"| {row[NOVELTY]:.3f} | {row['similarity']:.3f} | {margin} | {row['distinct_nearest']:.0f} |")
     return "\n".join(lines)
 
 
@@ -175,7 +174,8 @@ def run_conditional(cfg: ConditionalConfig, out_root: str, log=print) -> dict:
     store.write_json(out.uri("report", "metrics.json"), metrics)
     store.write_bytes(out.uri("report", "report.md"), (
         f"# Conditional flow over {len(classes)} zoos\n\nOne flow, k = {spec['k']}; guidance "
-        f"v = v_uncond + w (v_cond - v_uncond). Novelty: median distance to the nearest zoo model (up to "
-        f"permutation) / the zoo's own median; baselines interpolated to the same novelty.\n\n{table}\n").encode())
+        f"v = v_uncond + w (v_cond - v_uncond). Functional novelty: median disagreement with the nearest zoo "
+        f"model / the zoo's own median; S: max IoU of wrong predictions with a zoo model; baselines interpolated "
+        f"to the same functional novelty.\n\n{table}\n").encode())
     log("\n" + table)
     return metrics

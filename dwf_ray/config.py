@@ -122,11 +122,17 @@ class SampleConfig(_Cfg):
 
 class EvalConfig(_Cfg):
     temperatures: list[float] = [0.7, 1.0, 1.2, 1.5, 1.8]
+    # baselines, each at several strengths (dwf_ray/eval/baselines.py)
     noise_levels: list[float] = [0.1, 0.25, 0.4, 0.6, 0.8, 1.0]   # noise norm / zoo median NN distance
-    mix_weights: list[float] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+    layer_noise_levels: list[float] = [0.05, 0.1, 0.2, 0.4]        # noise std / each tensor's RMS
+    average_ks: list[int] = [2, 4, 8, 16]                           # means of k distinct zoo models
+    mix_weights: list[float] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]      # (1 - w) a + w b
+    gaussian_scales: list[float] = [0.25, 0.5, 1.0]                 # N(zoo mean, (scale x zoo std)^2)
     n_baseline: int = 100
+    accept_novelty: float = 0.5      # an operating point must reach this functional novelty to be accepted
     bn_recal_batches: int = 20
-    compare_no_canon: bool = True    # also run canon-free PCA/flow/sample for the report
+    compare_no_canon: bool = False   # ablation: also run canon-free PCA/flow/sample for the report
+    weight_novelty: bool = True      # diagnostic: distances in weight space up to permutation (costly)
     nn_candidates: int = 2           # zoo models matched per model, in weight space and in function space each
     num_gpus: float = 0.0            # GPUs per scoring / matching task (large models); 0: CPU
     seed: int = 7

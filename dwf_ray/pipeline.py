@@ -6,14 +6,16 @@ own folder under the run root; the pipeline checks the config, restarts, skips, 
 from __future__ import annotations
 
 import importlib
-import json
+import os
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 from dwf_ray import store
 from dwf_ray.config import RunConfig
-from dwf_ray.runtime import ensure_ray
+from dwf_ray.runtime import ensure_ray, quiet_logs
 from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore
 
 
@@ -41,9 +43,10 @@ VARIANT_STAGES = ("canon", "pca", "flow", "sample")   # what the no-canon varian
 
 class Pipeline:
     def __init__(self, root: str, cfg: RunConfig | None = None, restart_from: str | None = None,
-                 zoo_root: str | None = None, log=print):
+                 zoo_root: str | None = None, log=print, quiet: bool = False):
+        """``quiet``: Ray's and the libraries' log lines go to <root>/logs/dwf.log instead of the terminal."""
         self.store = RunStore(root, zoo_root)
-        self.log = log
+        self.log, self.quiet = log, quiet
         cfg_uri = self.store.uri("config.json")
         saved = RunConfig.model_validate(store.read_json(cfg_uri)) if store.exists(cfg_uri) else None
         if cfg is None:
@@ -74,17 +77,37 @@ class Pipeline:
         if self.store.done(stage.folder):
             self.log(f"[{name}] complete in {self.store.uri(stage.folder)}: skipped")
             return self.store.stage_info(stage.folder)
-        ensure_ray()
-        if name == "eval" and self.cfg.eval.compare_no_canon and self.cfg.canon.enabled:
-            self.no_canon_variant()
-        self.log(f"[{name}] running")
-        t0 = time.perf_counter()
-        info = (function or stage.load())(self.cfg, self.store)
+        with self.logs():
+            ensure_ray(quiet=self.quiet)
+            if name == "eval" and self.cfg.eval.compare_no_canon and self.cfg.canon.enabled:
+                self.no_canon_variant()
+            self.log(f"[{name}] running")
+            t0 = time.perf_counter()
+            info = (function or stage.load())(self.cfg, self.store)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         self.store.mark_done(stage.folder, info)
         self._log_errors(name, info)
-        self.log(f"[{name}] done in {info['seconds']:.1f} s: {json.dumps({k: v for k, v in info.items() if k != 'seconds'})}")
+        self.log(f"[{name}] done in {info['seconds']:.1f} s")
         return info
+
+    @contextmanager
+    def logs(self):
+        """While a stage runs: in quiet mode, log lines go to logs/dwf.log in the run root (appended; on S3 the
+        object is rewritten after the stage)."""
+        if not self.quiet:
+            yield
+            return
+        uri = self.store.uri("logs", "dwf.log")
+        local = store.is_local(uri)
+        path = uri if local else os.path.join(tempfile.mkdtemp(prefix="dwf-log-"), "dwf.log")
+        try:
+            with quiet_logs(path):
+                yield
+        finally:
+            if not local:
+                before = store.read_bytes(uri) if store.exists(uri) else b""
+                with open(path, "rb") as f:
+                    store.write_bytes(uri, before + f.read())
 
     def _log_errors(self, name: str, info: dict) -> None:
         """Rows that a stage kept as errors, each with its reason (the manifest has them too)."""
@@ -104,7 +127,7 @@ class Pipeline:
         """The same run without canonicalization, under <root>/nocanon, sharing this run's zoo."""
         cfg = self.cfg.model_copy(deep=True)
         cfg.canon.enabled = False
-        sub = Pipeline(self.store.uri(NO_CANON), cfg, zoo_root=self.store.zoo_root, log=self.log)
+        sub = Pipeline(self.store.uri(NO_CANON), cfg, zoo_root=self.store.zoo_root, log=self.log, quiet=self.quiet)
         for stage in VARIANT_STAGES:
             sub.run_stage(stage)
         return sub

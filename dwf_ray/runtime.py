@@ -1,7 +1,9 @@
 """Starting or joining Ray, and small helpers shared by the stages."""
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 
 # Settings this project needs before Ray is imported (see README): no auth token, no usage stats,
 # single-node Ray bound to loopback.
@@ -17,20 +19,88 @@ _FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOK
                   "AWS_REGION", "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE")
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join the running Ray, the cluster at RAY_ADDRESS, or start a local one.
 
-    S3 settings (AWS_*) are forwarded to every worker so that they reach the same store.
+    S3 settings (AWS_*) are forwarded to every worker so that they reach the same store. ``quiet``: workers'
+    output stays in Ray's session logs instead of the terminal (``quiet_logs`` takes the driver's).
     """
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
+    if quiet:
+        from ray.data import DataContext
+        DataContext.get_current().enable_progress_bars = False    # each stage shows its own bar
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=not quiet)
     else:
         # "local": always a fresh local Ray, never a stale `ray start` left on this machine
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
+                 log_to_driver=not quiet)
+
+
+_NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "py.warnings", "filelock", "fsspec")
+
+
+@contextmanager
+def quiet_logs(path: str):
+    """Log records of Ray and the libraries, and Python warnings, go to the file ``path`` (appended) instead
+    of the terminal while the block runs; progress bars and the pipeline's own lines stay on screen."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """A number that workers advance and the driver reads: progress of work that runs elsewhere."""
+
+    def __init__(self):
+        self.value = 0
+
+    def set(self, value: int) -> None:
+        self.value = value
+
+    def get(self) -> int:
+        return self.value
+
+
+def run_with_progress(fn, total: int, desc: str, unit: str = "step", poll_s: float = 0.5):
+    """``fn(counter)`` in a thread, with a tqdm bar that follows the ``Counter`` its workers set; returns (or
+    raises) what ``fn`` does."""
+    import threading
+    from tqdm.auto import tqdm
+    counter = Counter.remote()
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn(counter)
+        except BaseException as exc:  # re-raised in the caller's thread
+            out["error"] = exc
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    with tqdm(total=total, desc=desc, unit=unit) as bar:
+        while thread.is_alive():
+            thread.join(poll_s)
+            bar.update(max(0, min(total, ray.get(counter.get.remote())) - bar.n))
+    ray.kill(counter)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def cluster_gpus() -> int:
@@ -38,19 +108,36 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
 
 
-def wait_with_progress(refs: list, desc: str) -> list:
-    """ray.get with a tqdm bar that advances as tasks finish; results keep the order of ``refs``."""
+def wait_with_progress(refs: list, desc: str, bar=None, sizes: list[int] | None = None) -> list:
+    """ray.get with a tqdm bar that advances as tasks finish (by ``sizes[i]`` for task i, default 1);
+    ``bar`` continues an existing bar instead of opening one. Results keep the order of ``refs``."""
     from tqdm.auto import tqdm
     index = {r: i for i, r in enumerate(refs)}
     out = [None] * len(refs)
     pending = list(refs)
-    with tqdm(total=len(refs), desc=desc, unit="model") as bar:
+    own = bar is None
+    bar = tqdm(total=sum(sizes) if sizes else len(refs), desc=desc, unit="model") if own else bar
+    try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for r in done:
                 out[index[r]] = ray.get(r)
-                bar.update(1)
+                bar.update(sizes[index[r]] if sizes else 1)
+    finally:
+        if own:
+            bar.close()
     return out
+
+
+def rows_with_progress(ds, total: int, desc: str) -> pd.DataFrame:
+    """A Ray Dataset's rows as one DataFrame, with a tqdm bar that advances as its batches arrive."""
+    from tqdm.auto import tqdm
+    parts = []
+    with tqdm(total=total, desc=desc, unit="model") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            parts.append(batch)
+            bar.update(len(batch))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def chunks(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
@@ -65,20 +152,26 @@ def task_device() -> str:
 
 
 def map_chunks(fn, sets: dict[str, tuple[tuple, tuple]], desc: str, chunk: int = 64, num_gpus: float = 0.0,
-               **kwargs) -> dict[str, tuple]:
+               bar=None, **kwargs) -> dict[str, tuple]:
     """Ray tasks ``fn(*shared, *rows, **kwargs)`` over chunks of several named sets; outputs concatenated per set.
 
     ``sets[name] = (shared arguments, arrays with one row per model)``; only the latter are chunked.
-    ``num_gpus``: GPUs given to each task.
+    ``num_gpus``: GPUs given to each task; ``bar``: a progress bar to advance by models done.
     """
     remote = ray.remote(fn).options(num_gpus=num_gpus)
-    jobs, refs = [], []
+    jobs, refs, sizes = [], [], []
     for name, (shared, rows) in sets.items():
         for i in range(0, len(rows[0]), chunk):
             jobs.append(name)
             refs.append(remote.remote(*shared, *(r[i:i + chunk] for r in rows), **kwargs))
-    results = wait_with_progress(refs, desc)
+            sizes.append(len(rows[0][i:i + chunk]))
+    results = wait_with_progress(refs, desc, bar, sizes)
     out: dict[str, list] = {name: [] for name in sets}
     for name, res in zip(jobs, results):
         out[name].append(res)
     return {name: tuple(np.concatenate(col) for col in zip(*parts)) for name, parts in out.items()}
+
+
+def cluster_cpus() -> int:
+    """CPUs in the Ray cluster this process is connected to (1 when Ray is not running)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1

@@ -4,8 +4,8 @@ import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
-from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, nearest, noise_baseline,
-                                    wrong_iou, zoo_nn_median)
+from dwf_ray.eval.baselines import interpolation_baseline, noise_baseline
+from dwf_ray.eval.diversity import candidates, matched_nearest, nearest, wrong_iou, zoo_nn_median
 from dwf_ray.weights import WeightLayout
 
 ARCH = ArchSpec("mlp", {"in_dim": 6, "hidden": [12, 8], "out_dim": 3})
@@ -55,32 +55,28 @@ def test_matched_distance_never_exceeds_the_direct_one():
     assert (dist <= direct + 1e-6).all() and (dist > 0).all()
 
 
-def test_baselines_have_the_requested_scale():
-    zoo = zoo_of(10)
-    med = zoo_nn_median(zoo)
-    noisy = noise_baseline(zoo, 0.5, med, 10, seed=0)
-    assert np.allclose(np.linalg.norm(noisy - zoo, axis=1) / med, 0.5, rtol=0.1)
-    mid = interpolation_baseline(zoo, 0.5, 20, seed=0)
-    d, _ = nearest(mid, zoo)
-    assert (d > 0).all()
-
-
 def test_wrong_prediction_iou():
     a = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool)
     b = np.array([[1, 0, 1, 0], [0, 0, 0, 0]], bool)
     np.testing.assert_allclose(wrong_iou(a, b), [1 / 3, 1.0])
 
 
-def test_margins_take_the_better_baseline_at_equal_novelty_with_its_standard_error():
-    from dwf_ray.eval.run import add_margins
-    points = [{"method": "noise", "acc": 90.0, "se": 0.2, "novelty": 0.2},
-              {"method": "noise", "acc": 80.0, "se": 0.4, "novelty": 0.4},
-              {"method": "interpolation", "acc": 85.0, "se": 1.0, "novelty": 0.2},
-              {"method": "interpolation", "acc": 84.0, "se": 1.0, "novelty": 0.4},
-              {"method": "generator", "acc": 88.0, "se": 0.3, "novelty": 0.3},    # noise 85.0, interp 84.5
-              {"method": "generator", "acc": 88.0, "se": 0.3, "novelty": 0.35}]   # noise 82.5, interp 84.25
+def test_margins_take_the_best_baseline_at_equal_functional_novelty_with_its_standard_error():
+    from dwf_ray.eval.run import accepted, add_margins
+    nov = "func_novelty"
+    points = [{"method": "noise", "acc": 90.0, "se": 0.2, nov: 0.2},
+              {"method": "noise", "acc": 80.0, "se": 0.4, nov: 0.4},
+              {"method": "interpolation", "acc": 85.0, "se": 1.0, nov: 0.2},
+              {"method": "interpolation", "acc": 84.0, "se": 1.0, nov: 0.4},
+              {"method": "average", "acc": 70.0, "se": 0.5, nov: 0.3},
+              {"method": "generator", "acc": 88.0, "se": 0.3, nov: 0.3},    # noise 85.0, interp 84.5
+              {"method": "generator", "acc": 88.0, "se": 0.3, nov: 0.35}]   # noise 82.5, interp 84.25
     add_margins(points)
-    near, far = points[4], points[5]
+    near, far = points[5], points[6]
+    assert near["best_baseline"] == "noise" and near["baselines_at"]["average"] == 70.0
     assert near["margin"] == pytest.approx(3.0) and near["margin_se"] == pytest.approx(np.hypot(0.3, 0.3))
+    assert far["best_baseline"] == "interpolation"
     assert far["margin"] == pytest.approx(3.75) and far["margin_se"] == pytest.approx(np.hypot(0.3, 1.0))
-    assert all("margin" not in p for p in points[:4])
+    assert all("margin" not in p for p in points[:5])
+    assert not accepted(near, 0.5) and accepted(near, 0.3)            # novel enough only for the lower bar
+    assert not accepted({**near, "margin": 0.2}, 0.3)                  # inside one standard error

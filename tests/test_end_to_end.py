@@ -35,7 +35,12 @@ def test_run_produces_every_artefact(smoke_run):
     assert metrics["accuracy"]["zoo"]["n"] == 12 and metrics["accuracy"]["generated"]["n"] == 8
     assert metrics["accuracy"]["generated"]["mean"] > 50, "generated models are no better than chance"
     methods = {p["method"] for p in metrics["tradeoff"]}
-    assert methods == {"generator", "noise", "interpolation", "generator (no canon)"}
+    assert methods == {"generator", "noise", "layer noise", "average", "interpolation", "gaussian",
+                       "generator (no canon)"}
+    assert metrics["zoo"]["func_novelty"] == pytest.approx(1.0)   # the zoo against the rest of the zoo
+    op = metrics["operating_point"]
+    assert 0 < op["func_novelty"] and set(op["baselines_at"]) == methods - {"generator", "generator (no canon)"}
+    assert op["margin"] == pytest.approx(op["acc"] - max(op["baselines_at"].values()))
     per_model = metrics["model_accuracy"]   # every scored model's test accuracy, per set
     assert len(per_model["zoo"]) == 12 and len(per_model["generated"]) == 8
     assert np.mean(per_model["generated"]) == pytest.approx(metrics["accuracy"]["generated"]["mean"], abs=1e-3)
@@ -45,7 +50,7 @@ def test_run_produces_every_artefact(smoke_run):
         if p["method"].startswith("generator"):
             assert p["margin_se"] >= p["se"]
     assert {"zoo", "canon", "pca", "flow", "sample", "flow (no canon)"} <= set(metrics["timings"])
-    for png in ("accuracy.png", "tradeoff.png"):
+    for png in ("accuracy.png", "tradeoff.png", "tradeoff_weight.png"):
         assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (root / "report" / "report.md").read_text()
     assert "| zoo | 12 |" in report and "| generated | 8 |" in report

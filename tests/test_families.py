@@ -264,9 +264,10 @@ def test_scoring_recalibrates_batchnorm_of_flat_models():
     layout = WeightLayout.from_arch(arch)
     flat = layout.flatten({k: v.detach().numpy() for k, v in model.named_parameters()})
     default_stats = accuracy(to_module(arch, layout.unflatten(flat)), data.test)   # running mean 0, var 1
-    acc, wrong, logits = score_flat(arch.to_json(), cfg.model_dump_json(), EvalConfig().model_dump_json(), flat[None])
+    acc, wrong, logits, preds = score_flat(arch.to_json(), cfg.model_dump_json(), EvalConfig().model_dump_json(), flat[None])
     assert trained > 0.8 and abs(acc[0] - trained) < 0.03 and acc[0] > default_stats + 0.05
     assert wrong.shape == (1, len(data.test)) and logits.shape == (1, 256, 10)
+    assert ((preds[0] != data.test.y.numpy()) == wrong[0]).all()
 
 
 # -- a transformer family end to end ---------------------------------------------------------------------

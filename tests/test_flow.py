@@ -227,7 +227,7 @@ def test_one_conditional_flow_generates_models_for_two_zoos(two_small_zoos, tmp_
         assert m["zoo"]["n"] == 8 and set(m["generated"]) == {"w0", "w1", "w2"}
         for row in m["generated"].values():
             assert row["accuracy"]["mean"] > 60, (name, row)     # chance is 33 %
-            assert row["novelty"] > 0 and np.isfinite(row["noise_acc_at_novelty"])
+            assert row["func_novelty"] > 0 and np.isfinite(row["margin"])
     report = (out / "report" / "report.md").read_text()
     assert "| digits012 | zoo |" in report and "| iris | w=2 |" in report
     # a second call reuses the flow and the samples and gives the same report

@@ -5,44 +5,46 @@ from __future__ import annotations
 import numpy as np
 
 from dwf_ray.canon.job import load_canonical
-from dwf_ray.config import EvalConfig
-from dwf_ray.eval.diversity import candidates, interpolation_baseline, matched_nearest, noise_baseline, zoo_nn_median
+from dwf_ray.eval.baselines import baseline_sets
+from dwf_ray.eval.diversity import disagreement_nearest, zoo_nn_median
+from dwf_ray.eval.metrics import NOVELTY
 from dwf_ray.eval.run import baseline_at
 from dwf_ray.eval.scoring import score_flat
 from dwf_ray.pca.shards import PCAModel
 from dwf_ray.pipeline import Pipeline
+from dwf_ray.weights import WeightLayout
 
 
 class ZooScorer:
-    """Scores sets of flat models of a run root's canonical zoo in this process, as the report does:
-    mean test accuracy, novelty ratio (distances up to permutation) and the baselines at equal novelty."""
+    """Scores sets of flat models against a run root's canonical zoo in this process, as the report does: mean
+    test accuracy and functional novelty, and every baseline (at the run's strengths) at equal novelty."""
 
     def __init__(self, pipe: Pipeline, n_baseline: int = 100):
         self.arch_json, self.zoo_json = pipe.arch.to_json(), pipe.cfg.zoo.model_dump_json()
         _, self.zoo = load_canonical(pipe.cfg, pipe.store)
-        self.ec = EvalConfig(bn_recal_batches=pipe.cfg.eval.bn_recal_batches)
-        _, _, self.zoo_logits = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), self.zoo)
-        zoo_dist, _ = matched_nearest(self.arch_json, self.zoo, self.zoo, candidates(
-            self.zoo, self.zoo, self.zoo_logits, self.zoo_logits, exclude_self=True))
-        self.unit = float(np.median(zoo_dist))
-        self.zoo_acc = self(self.zoo)[0]
-        self.n_baseline, self._points = n_baseline, None
+        self.layout = WeightLayout.from_arch(pipe.arch)
+        self.ec = pipe.cfg.eval.model_copy(update={"n_baseline": n_baseline})
+        acc, _, _, self.zoo_preds = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), self.zoo)
+        zoo_d, _ = disagreement_nearest(self.zoo_preds, self.zoo_preds, exclude_self=True)
+        self.unit, self.zoo_acc = float(np.median(zoo_d)), float(acc.mean() * 100)
+        self.direct_unit = zoo_nn_median(self.zoo)
+        self._points = None
 
     def __call__(self, flat: np.ndarray) -> tuple[float, float, float]:
-        """(mean test accuracy %, novelty ratio, spread), distances up to permutation as in the report."""
-        acc, _, logits = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), flat)
-        dist, _ = matched_nearest(self.arch_json, self.zoo, flat, candidates(flat, self.zoo, logits, self.zoo_logits))
-        return float(acc.mean() * 100), float(np.median(dist) / self.unit), zoo_nn_median(flat) / self.unit
+        """(mean test accuracy %, functional novelty, spread: the set's own median NN distance in weights over
+        the zoo's)."""
+        acc, _, _, preds = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), flat)
+        d, _ = disagreement_nearest(preds, self.zoo_preds)
+        return float(acc.mean() * 100), float(np.median(d) / self.unit), zoo_nn_median(flat) / self.direct_unit
 
-    def baselines_at(self, novelty: float) -> tuple[float, float]:
-        """(noise, interpolation) baseline accuracy % interpolated to ``novelty``; measured on first use."""
+    def baselines_at(self, novelty: float) -> dict[str, float]:
+        """Each baseline's accuracy % interpolated to functional ``novelty``; measured on first use."""
         if self._points is None:
-            median, n, seed = zoo_nn_median(self.zoo), self.n_baseline, self.ec.seed
-            self._points = [{"method": "noise", "acc": a, "novelty": v} for a, v, _ in (
-                self(noise_baseline(self.zoo, lvl, median, n, seed)) for lvl in NOISE_LEVELS)]
-            self._points += [{"method": "interpolation", "acc": a, "novelty": v} for a, v, _ in (
-                self(interpolation_baseline(self.zoo, w, n, seed)) for w in MIX_WEIGHTS)]
-        return baseline_at(self._points, "noise", novelty), baseline_at(self._points, "interpolation", novelty)
+            self._points = [{"method": b.method, "acc": acc, NOVELTY: nov} for b in
+                            baseline_sets(self.zoo, self.layout, self.ec, self.direct_unit)
+                            for acc, nov, _ in [self(b.build())]]
+        methods = dict.fromkeys(p["method"] for p in self._points)
+        return {m: baseline_at(self._points, m, novelty) for m in methods}
 
 
 def open_run(root: str, n_baseline: int) -> tuple[Pipeline, PCAModel, np.ndarray, ZooScorer]:
@@ -50,7 +52,3 @@ def open_run(root: str, n_baseline: int) -> tuple[Pipeline, PCAModel, np.ndarray
     pipe = Pipeline(root)
     pca_dir = pipe.store.uri("pca")
     return pipe, PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir), ZooScorer(pipe, n_baseline)
-
-
-NOISE_LEVELS = (0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
-MIX_WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)

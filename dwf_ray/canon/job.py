@@ -15,7 +15,7 @@ from dwf_ray.canon.activations import ActivationMatcher, check_supported
 from dwf_ray.canon.matching import canonicalize, distance
 from dwf_ray.config import CanonConfig, RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import chunks, task_device
+from dwf_ray.runtime import chunks, rows_with_progress, task_device
 from dwf_ray.store import RunStore
 from dwf_ray.weights import (CheckpointError, WeightLayout, load_flat_models, load_model_state, row_error,
                              save_checkpoint)
@@ -129,7 +129,7 @@ def canonicalize_manifest(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
     )
-    out = ds.to_pandas()
+    out = rows_with_progress(ds, len(rows), "canon")
     remove_partial_writes(out_dir)
     missing = sorted(set(manifest["model_id"]) - set(out["model_id"]))
     if missing or len(out) != len(manifest):

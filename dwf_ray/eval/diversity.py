@@ -1,4 +1,5 @@
-"""Novelty and diversity of generated models, measured in canonical weight space."""
+"""Novelty of generated models: in function space (disagreement with the nearest zoo model on test inputs,
+and the overlap of their mistakes) and, as a diagnostic, in canonical weight space up to permutation."""
 from __future__ import annotations
 
 import numpy as np
@@ -72,17 +73,33 @@ def wrong_iou(wrong_a: np.ndarray, wrong_b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def noise_baseline(zoo: np.ndarray, level: float, zoo_median: float, n: int, seed: int) -> np.ndarray:
-    """Zoo models plus isotropic Gaussian noise of norm about ``level`` x the zoo's median NN distance."""
-    rng = np.random.default_rng(seed)
-    base = zoo[np.arange(n) % len(zoo)]
-    noise = rng.standard_normal(base.shape) * (level * zoo_median / np.sqrt(zoo.shape[1]))
-    return (base + noise).astype(np.float32)
+def _nearest_rows(score, n_a: int, n_b: int, exclude_self: bool, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(best value, index) per row of a (n_a, n_b) matrix computed ``block`` rows at a time by
+    ``score(rows) -> (len(rows), n_b)``, lower is better; ``exclude_self`` skips the diagonal."""
+    best, idx = np.empty(n_a), np.empty(n_a, dtype=int)
+    for start in range(0, n_a, block):
+        rows = np.arange(start, min(start + block, n_a))
+        m = score(rows).astype(np.float64)
+        if exclude_self:
+            m[np.arange(len(rows)), rows] = np.inf
+        idx[rows] = m.argmin(1)
+        best[rows] = m[np.arange(len(rows)), idx[rows]]
+    return best, idx
 
 
-def interpolation_baseline(zoo: np.ndarray, weight: float, n: int, seed: int) -> np.ndarray:
-    """(1 - w) a + w b for random pairs of distinct aligned zoo models."""
-    rng = np.random.default_rng(seed)
-    i = rng.integers(len(zoo), size=n)
-    j = (i + rng.integers(1, len(zoo), size=n)) % len(zoo)
-    return ((1 - weight) * zoo[i] + weight * zoo[j]).astype(np.float32)
+def disagreement_nearest(preds: np.ndarray, zoo_preds: np.ndarray,
+                         exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """D(g) = min over zoo models t of the fraction of test inputs where g and t predict different classes,
+    and that t. Permutation-invariant: no weight matching is needed. ``exclude_self``: ``preds`` is the zoo."""
+    return _nearest_rows(lambda r: (preds[r][:, None, :] != zoo_preds[None]).mean(-1),
+                         len(preds), len(zoo_preds), exclude_self)
+
+
+def max_wrong_iou(wrong: np.ndarray, zoo_wrong: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+    """S(g) = max over zoo models t of IoU(wrong(g), wrong(t)) (p-diff's similarity; lower is more novel)."""
+    def minus_iou(rows):
+        inter = (wrong[rows][:, None, :] & zoo_wrong[None]).sum(-1)
+        union = (wrong[rows][:, None, :] | zoo_wrong[None]).sum(-1)
+        return -np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    best, _ = _nearest_rows(minus_iou, len(wrong), len(zoo_wrong), exclude_self)
+    return -best

@@ -1,4 +1,4 @@
-"""metrics.json, report.md and PNG plots of a run."""
+"""metrics.json, report.md and PNG plots of a run, rendered from the metric registry (eval/metrics.py)."""
 from __future__ import annotations
 
 import io
@@ -6,6 +6,7 @@ import io
 import numpy as np
 
 from dwf_ray import store
+from dwf_ray.eval.metrics import METRICS, NOVELTY, fmt
 
 
 def summary(acc: np.ndarray) -> dict:
@@ -21,17 +22,18 @@ def accuracy_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def tradeoff_table(points: list[dict]) -> str:
-    """One row per set; generator rows also show their margin over the better baseline at equal novelty."""
-    lines = ["| method | setting | mean acc % (SE) | novelty ratio | wrong-pred IoU | vs best baseline (SE) |",
-             "|---|---|---|---|---|---|"]
-    for p in points:
-        iou = f"{p['iou']:.3f}" if p.get("iou") is not None else "-"
-        acc = f"{p['acc']:.2f}" + (f" ({p['se']:.2f})" if "se" in p else "")
-        margin = f"{p['margin']:+.2f}" if p.get("margin") is not None else "-"
-        if "margin_se" in p:
-            margin += f" ({p['margin_se']:.2f})"
-        lines.append(f"| {p['method']} | {p['setting']} | {acc} | {p['novelty']:.3f} | {iou} | {margin} |")
+def tradeoff_table(points: list[dict], zoo: dict | None = None) -> str:
+    """One row per set, a column per registered metric; generator rows also show their margin over the best
+    baseline at equal functional novelty."""
+    cols = [m for m in METRICS if m.key != "se"]
+    lines = ["| method | setting | " + " | ".join(m.label for m in cols) + " | vs best baseline (SE) |",
+             "|---|---|" + "---|" * len(cols) + "---|"]
+    for p in ([zoo] if zoo else []) + points:
+        cells = [fmt(m.key, p.get(m.key)) + (f" ({p['se']:.2f})" if m.key == "acc" and "se" in p else "")
+                 for m in cols]
+        margin = (f"{p['margin']:+.2f} ({p['margin_se']:.2f}) vs {p['best_baseline']}"
+                  if p.get("margin") is not None else "-")
+        lines.append(f"| {p['method']} | {p['setting']} | " + " | ".join(cells) + f" | {margin} |")
     return "\n".join(lines)
 
 
@@ -41,10 +43,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_histogram(zoo_acc: np.ndarray, gen_acc: np.ndarray) -> bytes:
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_histogram(zoo_acc: np.ndarray, gen_acc: np.ndarray) -> bytes:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     lo, hi = min(zoo_acc.min(), gen_acc.min()) * 100, max(zoo_acc.max(), gen_acc.max()) * 100
     bins = np.linspace(lo - 0.25, hi + 0.25, 30)
@@ -58,46 +65,66 @@ def plot_histogram(zoo_acc: np.ndarray, gen_acc: np.ndarray) -> bytes:
     return data
 
 
-def plot_tradeoff(points: list[dict], zoo_mean: float) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    styles = {"generator": "o-", "noise": "s--", "interpolation": "^--", "generator (no canon)": "x"}
-    for method, style in styles.items():
-        pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["novelty"])
-        if pts:
-            ax.plot([p["novelty"] for p in pts], [p["acc"] for p in pts], style, label=method)
+def plot_tradeoff(points: list[dict], zoo: dict, zoo_std: float, axis: str = NOVELTY,
+                  min_novelty: float | None = None) -> bytes:
+    """Accuracy against novelty on ``axis``: the generator at each temperature, every baseline as a curve,
+    the zoo (novelty 1.0 by definition in function space) with its spread."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for i, method in enumerate(methods):
+        pts = sorted((p for p in points if p["method"] == method and p.get(axis) is not None), key=lambda p: p[axis])
+        if not pts:
+            continue
+        gen = method.startswith("generator")
+        ax.plot([p[axis] for p in pts], [p["acc"] for p in pts], "-" if gen else "--", marker="o" if gen else "s",
+                ms=5 if gen else 3, lw=2 if gen else 1, label=method, zorder=3 if gen else 2)
+        if gen:
             for p in pts:
-                if method == "generator":
-                    ax.annotate(p["setting"], (p["novelty"], p["acc"]), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")
-    ax.axhline(zoo_mean, color="gray", lw=0.8, ls=":", label=f"zoo mean {zoo_mean:.2f}%")
-    ax.axvline(0.25, color="gray", lw=0.8, ls="--", label="novelty 0.25")
-    ax.set_xlabel("novelty ratio (median NN distance to zoo / zoo's median NN distance)")
+                ax.annotate(p["setting"], (p[axis], p["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if zoo.get(axis) is not None:
+        ax.errorbar([zoo[axis]], [zoo["acc"]], yerr=[zoo_std], fmt="k*", ms=10, capsize=3, label="zoo (mean, std)")
+    ax.axhspan(zoo["acc"] - zoo_std, zoo["acc"] + zoo_std, color="gray", alpha=0.12)
+    if min_novelty is not None:
+        ax.axvline(min_novelty, color="gray", lw=0.8, ls="--", label=f"novelty {min_novelty:g}")
+    label = next(m.label for m in METRICS if m.key == axis)
+    ax.set_xlabel(label)
     ax.set_ylabel("mean test accuracy %")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     data = _png(fig)
     plt.close(fig)
     return data
 
 
+def summary_text(metrics: dict, report_uri: str, total: float | None = None) -> str:
+    """The accuracy and trade-off tables and the verdict, as printed at the end of a run."""
+    op = metrics["operating_point"]
+    return ("\n" + accuracy_table(metrics["accuracy"]) + "\n\n" + tradeoff_table(metrics["tradeoff"], metrics["zoo"]) +
+            f"\n\nfunctional novelty {op[NOVELTY]:.3f}; margin {op['margin']:+.2f} (SE {op['margin_se']:.2f}) over "
+            f"{op['best_baseline']}; accepted: {op['accepted']}; report: {report_uri}" +
+            (f"; total {total:.1f} s" if total else ""))
+
+
 def write_report(report_dir: str, metrics: dict, zoo_acc: np.ndarray, gen_acc: np.ndarray) -> str:
-    """Writes metrics.json, accuracy.png, tradeoff.png and report.md; returns the markdown."""
+    """Writes metrics.json, accuracy.png, tradeoff.png (functional novelty), tradeoff_weight.png (weight-space
+    diagnostic, when measured) and report.md; returns the markdown."""
+    op, zoo_std = metrics["operating_point"], metrics["accuracy"]["zoo"]["std"]
     store.write_json(store.join(report_dir, "metrics.json"), metrics)
     store.write_bytes(store.join(report_dir, "accuracy.png"), plot_histogram(zoo_acc, gen_acc))
-    store.write_bytes(store.join(report_dir, "tradeoff.png"), plot_tradeoff(metrics["tradeoff"],
-                                                                             metrics["accuracy"]["zoo"]["mean"]))
-    acc = metrics["accuracy"]
-    acc_rows = {"zoo": acc["zoo"], "generated": acc["generated"]}
-    if "generated_no_canon" in acc:
-        acc_rows["generated (no canon)"] = acc["generated_no_canon"]
-    op = metrics["operating_point"]
+    store.write_bytes(store.join(report_dir, "tradeoff.png"),
+                      plot_tradeoff(metrics["tradeoff"], metrics["zoo"], zoo_std, NOVELTY, op["min_novelty"]))
+    weight_plot = ""
+    if metrics["zoo"].get("weight_novelty") is not None:
+        store.write_bytes(store.join(report_dir, "tradeoff_weight.png"),
+                          plot_tradeoff(metrics["tradeoff"], metrics["zoo"], zoo_std, "weight_novelty"))
+        weight_plot = "\n\nDiagnostic, in weight space up to permutation:\n\n![weight-space trade-off](tradeoff_weight.png)"
     verdict = "PASS" if op["accepted"] else "FAIL"
     timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in metrics.get("timings", {}).items())
     model = metrics.get("model")
     model_line = (f"Models: `{model['family']}` ({model['n_params']:,} parameters) on `{model['dataset']}`.\n"
                   if model else "")
+    glossary = "\n".join(f"- **{m.label}**: {m.about}" for m in METRICS)
+    baselines = ", ".join(f"{k} {v:.2f} %" for k, v in (op.get("baselines_at") or {}).items())
     md = f"""# dwf-ray report: {metrics['preset']}
 
 {model_line}Run root: `{metrics['root']}`. Test split only for this report; models were selected on validation data,
@@ -105,35 +132,27 @@ BatchNorm (when present) recalibrated on the training split.
 
 ## Accuracy (test split)
 
-{accuracy_table(acc_rows)}
+{accuracy_table(metrics['accuracy'])}
 
 ![accuracy histogram](accuracy.png)
 
-## Diversity
+## Accuracy against functional novelty
 
-Distances are in canonical weight space, up to permutation (each model weight-matched onto its nearest
-zoo candidates).
+Novelty is measured in function space, on the test inputs: D is a model's disagreement with its nearest zoo
+model (no weight matching involved), S the largest overlap of its wrong predictions with a zoo model's; the
+zoo's own values come from each zoo model against the rest of the zoo.
 
-- zoo median nearest-neighbour distance: {metrics['diversity']['zoo_nn_median']:.4f}
-- generated: novelty ratio {metrics['diversity']['novelty_ratio']:.3f}; mean wrong-prediction IoU with the
-  nearest zoo model {metrics['diversity']['wrong_iou_mean']:.3f} (zoo models against their nearest other zoo
-  model: {metrics['diversity']['zoo_wrong_iou_mean']:.3f})
-- spread of the generated set (its own median nearest-neighbour distance over the zoo's, both direct):
-  {metrics['diversity']['generated_self_nn_ratio']:.3f}; {metrics['diversity']['distinct_nearest_zoo_models']} distinct
-  zoo models are the nearest of some generated model
+{glossary}
 
-## Accuracy-novelty trade-off
+{tradeoff_table(metrics['tradeoff'], metrics['zoo'])}
 
-{tradeoff_table(metrics['tradeoff'])}
+![trade-off](tradeoff.png){weight_plot}
 
-![trade-off](tradeoff.png)
-
-Operating point (temperature {op['temperature']}): accuracy {op['acc']:.2f} % at novelty {op['novelty']:.3f};
-noise baseline at equal novelty {op['noise_acc_at_novelty']:.2f} %, interpolation baseline
-{op['interp_acc_at_novelty']:.2f} %; margin over the better one {op['margin']:+.2f} points (standard error
-{op['margin_se']:.2f}). Beats both baselines with novelty >= 0.25: **{verdict}**.
-Gap to the zoo mean: {op['gap_to_zoo']:.2f} points. Generator settings that beat both baselines with
-novelty >= 0.25: {', '.join(op.get('passing_settings') or []) or 'none'}.
+Operating point ({op['setting']}): accuracy {op['acc']:.2f} % at functional novelty {op[NOVELTY]:.3f}; the
+baselines at that novelty: {baselines}; margin over the best ({op['best_baseline']}) {op['margin']:+.2f} points
+(standard error {op['margin_se']:.2f}). Accepted (functional novelty >= {op['min_novelty']:g} and a margin of
+more than one standard error): **{verdict}**. Gap to the zoo mean: {op['gap_to_zoo']:.2f} points. Generator
+settings that pass: {', '.join(op.get('passing_settings') or []) or 'none'}.
 
 ## Stage times (seconds)
 
@@ -143,14 +162,3 @@ novelty >= 0.25: {', '.join(op.get('passing_settings') or []) or 'none'}.
 """
     store.write_bytes(store.join(report_dir, "report.md"), md.encode())
     return md
-
-
-def summary_text(metrics: dict, report_uri: str, total: float | None = None) -> str:
-    """The accuracy and trade-off tables and the verdict, as printed at the end of a run."""
-    acc = {"zoo": metrics["accuracy"]["zoo"], "generated": metrics["accuracy"]["generated"]}
-    if "generated_no_canon" in metrics["accuracy"]:
-        acc["generated (no canon)"] = metrics["accuracy"]["generated_no_canon"]
-    op = metrics["operating_point"]
-    return ("\n" + accuracy_table(acc) + "\n\n" + tradeoff_table(metrics["tradeoff"]) +
-            f"\n\nnovelty ratio {op['novelty']:.3f}; beats baselines at equal novelty: {op['accepted']}; "
-            f"report: {report_uri}" + (f"; total {total:.1f} s" if total else ""))

@@ -1,21 +1,43 @@
-"""Stage 6: evaluate zoo and generated models, baselines and the temperature sweep; write the report."""
+"""Stage 6: score the zoo, every set of samples and every baseline, set by set; write the report.
+
+Sets are built one at a time (samples read from their manifests, baselines generated) and only per-model
+results are kept, so the driver holds the zoo and one set at most. Novelty is measured in function space
+(``eval/metrics.py``); distances in weight space up to permutation stay as a diagnostic.
+"""
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
 import numpy as np
+import ray
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, permutation_spec
 from dwf_ray.canon.job import load_canonical
 from dwf_ray.canon.matching import canonicalize
-from dwf_ray.config import EvalConfig, RunConfig
-from dwf_ray.eval.diversity import (candidates, interpolation_baseline, matched_nearest, noise_baseline,
-                                    wrong_iou, zoo_nn_median)
+from dwf_ray.config import RunConfig
+from dwf_ray.eval.baselines import baseline_sets
+from dwf_ray.eval.diversity import candidates, disagreement_nearest, matched_nearest, max_wrong_iou, zoo_nn_median
+from dwf_ray.eval.metrics import NOVELTY, SetResult, point
 from dwf_ray.eval.report import summary, write_report
-from dwf_ray.eval.scoring import score_many
-from dwf_ray.runtime import map_chunks
+from dwf_ray.eval.scoring import score_flat
+from dwf_ray.runtime import cluster_cpus, map_chunks, wait_with_progress
 from dwf_ray.sample import sample_sets
 from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore
 from dwf_ray.weights import WeightLayout, load_flat_models
+
+GENERATOR = "generator"
+
+
+@dataclass(frozen=True)
+class ScoredSet:
+    key: str
+    method: str
+    setting: str
+    build: Callable[[], np.ndarray]   # flat models, built only when the set is scored
+    size: int                         # models in the set (for the progress bar)
 
 
 def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residual: bool = False) -> tuple[np.ndarray]:
@@ -28,108 +50,163 @@ def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residua
                       for v in flat]),)
 
 
-def baseline_at(points: list[dict], method: str, nov: float, field: str = "acc") -> float:
-    """A baseline's accuracy (or another ``field``, such as its standard error ``se``) linearly interpolated
-    to novelty ``nov`` (clamped at its measured ends)."""
-    pts = sorted((p["novelty"], p[field]) for p in points if p["method"] == method)
-    return float(np.interp(nov, [p[0] for p in pts], [p[1] for p in pts]))
+def _score_rows(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, start: int, stop: int):
+    return score_flat(arch_json, zoo_json, eval_json, flat[start:stop])
 
 
-def add_margins(points: list[dict]) -> None:
-    """Each generator point gets ``margin``: its accuracy minus the better baseline at the same novelty, and
-    ``margin_se``: the standard error of that difference (both means' standard errors, the baseline's
-    interpolated like its accuracy)."""
-    for p in points:
-        if p["method"].startswith("generator"):
-            accs = {m: baseline_at(points, m, p["novelty"]) for m in ("noise", "interpolation")}
-            best = max(accs, key=accs.get)
-            p["margin"] = p["acc"] - accs[best]
-            p["margin_se"] = float(np.hypot(p["se"], baseline_at(points, best, p["novelty"], "se")))
+def _match_rows(arch_json: str, zoo: np.ndarray, flat: np.ndarray, cands: np.ndarray, start: int, stop: int,
+                residual: bool):
+    return matched_nearest(arch_json, zoo, flat[start:stop], cands[start:stop], residual=residual)
 
 
-def baseline_sets(zoo: np.ndarray, ec: EvalConfig, zoo_median: float) -> dict[str, tuple[str, str, np.ndarray]]:
-    """The two baselines at every configured setting: key -> (method, setting, flat models)."""
-    out = {f"noise_{lvl:g}": ("noise", f"{lvl:g} x NN dist", noise_baseline(zoo, lvl, zoo_median, ec.n_baseline, ec.seed))
-           for lvl in ec.noise_levels}
-    out.update({f"mix_{w:g}": ("interpolation", f"w={w:g}", interpolation_baseline(zoo, w, ec.n_baseline, ec.seed))
-                for w in ec.mix_weights})
-    return out
+class ZooJudge:
+    """Scores sets of flat models against one canonical zoo: accuracy, D and S in function space, and (when
+    ``cfg.eval.weight_novelty``) the distance to the nearest zoo model up to permutation.
 
-
-def score_and_match(arch: ArchSpec, cfg: RunConfig, sets: dict[str, np.ndarray], what: str = "eval") -> tuple:
-    """Test scores of every set (``sets["zoo"]`` is the zoo) and each model's nearest zoo model up to permutation.
-
-    Returns (scores: key -> (acc, wrong, logits), nn: key -> (distances, zoo indices), unit), where unit is the
-    zoo's own median nearest-neighbour distance, the denominator of every novelty ratio.
+    A set is put in the object store once and its tasks read row ranges of it; the driver keeps per-model
+    results only. ``judge_sets`` keeps a few sets in flight so that the cluster stays busy.
     """
-    ec, zoo = cfg.eval, sets["zoo"]
-    scores = score_many(arch, cfg.zoo, ec, sets)
-    zoo_logits = scores["zoo"][2]
-    nn = map_chunks(matched_nearest, {
-        key: ((arch.to_json(), zoo), (flat, candidates(flat, zoo, scores[key][2], zoo_logits, ec.nn_candidates,
-                                                       exclude_self=key == "zoo")))
-        for key, flat in sets.items()}, f"{what}: nearest zoo models", num_gpus=ec.num_gpus,
-        residual=cfg.canon.residual)
-    return scores, nn, float(np.median(nn["zoo"][0]))
+
+    def __init__(self, arch: ArchSpec, cfg: RunConfig, zoo: np.ndarray, bar=None):
+        self.arch, self.cfg, self.zoo, self.bar = arch, cfg, zoo, bar
+        self.args = (arch.to_json(), cfg.zoo.model_dump_json(), cfg.eval.model_dump_json())
+        self.zoo_ref = ray.put(zoo)
+        acc, self.wrong, self.logits, self.preds = self._gather(self._submit_scores(self.zoo_ref, len(zoo)))
+        self.result = self._judge(self.zoo_ref, acc, self.wrong, self.logits, self.preds, exclude_self=True)
+
+    def _ranges(self, n: int) -> list[tuple[int, int]]:
+        step = max(4, -(-n // cluster_cpus()))
+        return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def _submit_scores(self, flat_ref, n: int) -> list:
+        task = ray.remote(_score_rows).options(num_gpus=self.cfg.eval.num_gpus)
+        return [(task.remote(*self.args, flat_ref, a, b), b - a) for a, b in self._ranges(n)]
+
+    def _gather(self, jobs: list) -> tuple[np.ndarray, ...]:
+        parts = wait_with_progress([r for r, _ in jobs], "eval", self.bar, [k for _, k in jobs])
+        return tuple(np.concatenate(col) for col in zip(*parts))
+
+    def _judge(self, flat_ref, acc, wrong, logits, preds, exclude_self: bool = False) -> SetResult:
+        d, nearest = disagreement_nearest(preds, self.preds, exclude_self)
+        s = max_wrong_iou(wrong, self.wrong, exclude_self)
+        weight_dist = None
+        if self.cfg.eval.weight_novelty:
+            ec = self.cfg.eval
+            flat = ray.get(flat_ref)
+            cands = candidates(flat, self.zoo, logits, self.logits, ec.nn_candidates, exclude_self)
+            del flat
+            task = ray.remote(_match_rows).options(num_gpus=ec.num_gpus)
+            weight_dist, _ = self._gather([(task.remote(self.arch.to_json(), self.zoo_ref, flat_ref, cands, a, b,
+                                                        self.cfg.canon.residual), b - a)
+                                           for a, b in self._ranges(len(acc))])
+        return SetResult(acc, d, s, nearest, weight_dist)
+
+    def submit(self, flat: np.ndarray):
+        """Start scoring a set; the returned handle is finished by ``finish``."""
+        ref = ray.put(flat)
+        return ref, self._submit_scores(ref, len(flat))
+
+    def finish(self, handle) -> SetResult:
+        ref, jobs = handle
+        return self._judge(ref, *self._gather(jobs))
+
+    def __call__(self, flat: np.ndarray) -> SetResult:
+        return self.finish(self.submit(flat))
 
 
-def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: dict[str, tuple[float, np.ndarray]],
-             reference: np.ndarray, no_canon: np.ndarray | None = None) -> tuple[dict, dict]:
-    """Returns (metrics, accuracies per set). ``generated``: samples/ sub-folder -> (temperature, flat models),
-    "" being the configured temperature. All flat weights are in canonical space except ``no_canon``."""
-    ec, sc = cfg.eval, cfg.sample
-    zoo_median = zoo_nn_median(zoo)      # direct distance: the noise baseline's scale and the spread's unit
-    sets: dict[str, np.ndarray] = {"zoo": zoo}
-    labels: dict[str, tuple[str, str]] = {}
-    for folder, (temp, flat) in generated.items():
-        key = f"gen_{folder}" if folder else "generated"
-        sets[key], labels[key] = flat, ("generator", f"T={temp:g}")
-    for key, (method, setting, flat) in baseline_sets(zoo, ec, zoo_median).items():
-        sets[key], labels[key] = flat, (method, setting)
-    if no_canon is not None:   # aligned onto the reference afterwards, so that distances compare
-        sets["no_canon"] = map_chunks(canonicalize_flat, {"no_canon": ((arch.to_json(), reference), (no_canon,))},
-                                      "eval: aligning no-canon samples", num_gpus=ec.num_gpus,
-                                      residual=cfg.canon.residual)["no_canon"][0]
-        labels["no_canon"] = ("generator (no canon)", f"T={sc.temperature:g}")
-    scores, nn, unit = score_and_match(arch, cfg, sets)
-    zoo_acc, zoo_wrong, _ = scores["zoo"]
+def baseline_at(points: list[dict], method: str, x: float, field: str = "acc", axis: str = NOVELTY) -> float:
+    """A curve's ``field`` (accuracy, or its standard error ``se``) linearly interpolated to ``axis`` = ``x``
+    (clamped at its measured ends)."""
+    pts = sorted((p[axis], p[field]) for p in points if p["method"] == method)
+    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
 
-    points = []
-    for key, (method, setting) in labels.items():
-        acc, wrong, _ = scores[key]
-        dist, idx = nn[key]
-        points.append({"method": method, "setting": setting, "key": key, "acc": float(acc.mean() * 100),
-                       "se": float(acc.std(ddof=1) / np.sqrt(len(acc)) * 100) if len(acc) > 1 else 0.0,
-                       "novelty": float(np.median(dist) / unit), "iou": float(wrong_iou(wrong, zoo_wrong[idx]).mean())})
+
+def add_margins(points: list[dict], axis: str = NOVELTY) -> None:
+    """Each generator point gets every baseline's accuracy at its novelty (``baselines_at``), ``margin`` over
+    the best of them (``best_baseline``), and ``margin_se``: the standard error of that difference (both means'
+    standard errors, the baseline's interpolated like its accuracy)."""
+    methods = list(dict.fromkeys(p["method"] for p in points if not p["method"].startswith(GENERATOR)))
+    for p in points:
+        if p["method"].startswith(GENERATOR) and methods:
+            accs = {m: baseline_at(points, m, p[axis], axis=axis) for m in methods}
+            best = max(accs, key=accs.get)
+            p["baselines_at"] = accs
+            p["best_baseline"] = best
+            p["margin"] = p["acc"] - accs[best]
+            p["margin_se"] = float(np.hypot(p["se"], baseline_at(points, best, p[axis], "se", axis)))
+
+
+def accepted(p: dict, min_novelty: float) -> bool:
+    """An operating point passes when it is novel enough in function space and beats the best baseline at
+    equal functional novelty by more than one standard error."""
+    return bool(p[NOVELTY] >= min_novelty and p.get("margin", -np.inf) > p.get("margin_se", np.inf))
+
+
+def judge_sets(judge: ZooJudge, sets: Iterable[ScoredSet], in_flight: int = 3) -> tuple[list[dict], dict[str, SetResult]]:
+    """Trade-off points and per-model results of every set. Sets are built one at a time and at most
+    ``in_flight`` of them wait in the object store while the cluster scores them."""
+    sets, pending, results = list(sets), deque(), {}
+
+    def finish_oldest():
+        s, handle = pending.popleft()
+        results[s.key] = judge.finish(handle)
+    for s in sets:
+        pending.append((s, judge.submit(s.build())))
+        if len(pending) >= in_flight:
+            finish_oldest()
+    while pending:
+        finish_oldest()
+    points = [point(s.key, s.method, s.setting, results[s.key], judge.result) for s in sets]
     add_margins(points)
-    op = next(p for p in points if p["key"] == "generated")
-    noise_acc, interp_acc = baseline_at(points, "noise", op["novelty"]), baseline_at(points, "interpolation", op["novelty"])
-    passing = [p["setting"] for p in points if p["method"] == "generator" and p["novelty"] >= 0.25 and p["margin"] > 0]
-    gen_acc, generated = scores["generated"][0], sets["generated"]
-    accuracy = {"zoo": summary(zoo_acc), "generated": summary(gen_acc)}
-    if no_canon is not None:
-        accuracy["generated_no_canon"] = summary(scores["no_canon"][0])
+    return points, results
+
+
+def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: list[ScoredSet],
+             extra: list[ScoredSet] = ()) -> tuple[dict, dict]:
+    """Returns (metrics, accuracies per set). ``generated``: the sample sets, the configured temperature first;
+    ``extra``: further generator sets (the no-canon variant). All flat weights are in canonical space."""
+    from tqdm.auto import tqdm
+    ec = cfg.eval
+    layout = WeightLayout.from_arch(arch)
+    zoo_median = zoo_nn_median(zoo)      # direct distance: the noise baseline's scale
+    baselines = [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
+                 for b in baseline_sets(zoo, layout, ec, zoo_median)]
+    sets = [*generated, *baselines, *extra]
+    passes = 2 if ec.weight_novelty else 1
+    with tqdm(total=passes * (len(zoo) + sum(s.size for s in sets)), desc="eval", unit="model") as bar:
+        judge = ZooJudge(arch, cfg, zoo, bar)
+        points, results = judge_sets(judge, sets)
+    main = generated[0].key
+    op = next(p for p in points if p["key"] == main)
+    zoo_r = judge.result
+    accuracy = {"zoo": summary(zoo_r.acc)} | {s.key: summary(results[s.key].acc) for s in [*generated, *extra]}
+    gen_flat = generated[0].build()
     metrics = {
         "preset": cfg.preset,
         "model": {"family": arch.family, "args": arch.args, "n_params": int(zoo.shape[1]), "dataset": cfg.zoo.dataset},
         "accuracy": accuracy,
-        "diversity": {"zoo_nn_median": unit, "zoo_nn_median_direct": zoo_median, "novelty_ratio": op["novelty"],
-                      "gen_nn_dist_median": float(np.median(nn["generated"][0])),
-                      "wrong_iou_mean": op["iou"],
-                      "zoo_wrong_iou_mean": float(wrong_iou(zoo_wrong, zoo_wrong[nn["zoo"][1]]).mean()),
-                      "distinct_nearest_zoo_models": int(len(np.unique(nn["generated"][1]))),
-                      # spread of the generated set itself, in the same unit (1.0 = as spread as the zoo)
-                      "generated_self_nn_ratio": zoo_nn_median(generated) / zoo_median},
+        "zoo": point("zoo", "zoo", "", zoo_r, zoo_r),
         "tradeoff": points,
-        "model_accuracy": {key: [round(float(a) * 100, 4) for a in scores[key][0]] for key in sets},   # test %
-        "operating_point": {"temperature": sc.temperature, "acc": op["acc"], "novelty": op["novelty"],
-                            "noise_acc_at_novelty": noise_acc, "interp_acc_at_novelty": interp_acc,
-                            "margin": op["margin"], "margin_se": op["margin_se"],
+        "model_accuracy": {"zoo": [round(float(a) * 100, 4) for a in zoo_r.acc]} |
+                          {key: [round(float(a) * 100, 4) for a in r.acc] for key, r in results.items()},
+        "diversity": {"zoo_median_disagreement": float(np.median(zoo_r.disagreement)),
+                      "zoo_nn_median_direct": zoo_median,
+                      "zoo_nn_median_matched": None if zoo_r.weight_dist is None else float(np.median(zoo_r.weight_dist)),
+                      # spread of the generated set itself (its own median NN distance over the zoo's, direct)
+                      "generated_self_nn_ratio": zoo_nn_median(gen_flat) / zoo_median},
+        "operating_point": {**{k: op.get(k) for k in ("setting", "acc", "se", NOVELTY, "similarity", "weight_novelty",
+                                                       "baselines_at", "best_baseline", "margin", "margin_se")},
+                            "temperature": cfg.sample.temperature, "min_novelty": ec.accept_novelty,
                             "gap_to_zoo": accuracy["zoo"]["mean"] - op["acc"],
-                            "accepted": bool(op["novelty"] >= 0.25 and op["margin"] > 0),
-                            "passing_settings": passing},   # every temperature that passes
+                            "accepted": accepted(op, ec.accept_novelty),
+                            "passing_settings": [p["setting"] for p in points
+                                                 if p["method"] == GENERATOR and accepted(p, ec.accept_novelty)]},
     }
-    return metrics, {"zoo": zoo_acc, "generated": gen_acc}
+    return metrics, {"zoo": zoo_r.acc, "generated": results[main].acc}
+
+
+def _from_manifest(uri: str, arch: ArchSpec) -> Callable[[], np.ndarray]:
+    return lambda: load_flat_models(store.read_table(uri)["uri"], arch)
 
 
 def run_eval(cfg: RunConfig, st: RunStore) -> dict:
@@ -137,19 +214,27 @@ def run_eval(cfg: RunConfig, st: RunStore) -> dict:
     when that sub-run exists); writes report/."""
     arch = ArchSpec.parse(cfg.zoo.arch)
     ok, zoo_flat = load_canonical(cfg, st)
-    reference = zoo_flat[list(ok["model_id"]).index(ok["reference_id"].iloc[0])]
-    generated = {folder: (temp, load_flat_models(store.read_table(st.uri("samples", folder, "manifest.parquet"))["uri"],
-                                                 arch))
-                 for folder, (temp, _) in sample_sets(cfg).items()}
+    generated = [ScoredSet("generated" if not folder else f"gen_{folder}", GENERATOR, f"T={temp:g}",
+                           _from_manifest(st.uri("samples", folder, "manifest.parquet"), arch), cfg.sample.n)
+                 for folder, (temp, _) in sample_sets(cfg).items()]
     sub = RunStore(st.uri(NO_CANON), zoo_root=st.zoo_root)
-    with_no_canon = cfg.eval.compare_no_canon and cfg.canon.enabled and sub.done(STAGE_FOLDERS["sample"])
-    no_canon = load_flat_models(sub.manifest("sample")["uri"], arch) if with_no_canon else None
-    metrics, accs = evaluate(cfg, arch, zoo_flat, generated, reference, no_canon)
+    extra = []
+    if cfg.eval.compare_no_canon and cfg.canon.enabled and sub.done(STAGE_FOLDERS["sample"]):
+        reference = zoo_flat[list(ok["model_id"]).index(ok["reference_id"].iloc[0])]
+        raw = _from_manifest(sub.stage_uri("sample", "manifest.parquet"), arch)
+
+        def aligned() -> np.ndarray:   # aligned onto the reference, so that weight distances compare
+            return map_chunks(canonicalize_flat, {"s": ((arch.to_json(), reference), (raw(),))}, "eval: aligning",
+                              num_gpus=cfg.eval.num_gpus, residual=cfg.canon.residual)["s"][0]
+        extra.append(ScoredSet("no_canon", f"{GENERATOR} (no canon)", f"T={cfg.sample.temperature:g}", aligned,
+                               cfg.sample.n))
+    metrics, accs = evaluate(cfg, arch, zoo_flat, generated, extra)
     metrics["root"] = st.root
     metrics["timings"] = st.stage_seconds()
-    if with_no_canon:
+    if extra:
         metrics["timings"].update({f"{k} (no canon)": v for k, v in sub.stage_seconds().items()})
     metrics["counts"] = {s: st.stage_info(STAGE_FOLDERS[s]) for s in ("zoo", "canon") if st.done(STAGE_FOLDERS[s])}
     write_report(st.uri("report"), metrics, accs["zoo"], accs["generated"])
-    return {"zoo_acc": metrics["accuracy"]["zoo"]["mean"], "gen_acc": metrics["accuracy"]["generated"]["mean"],
-            "novelty": metrics["diversity"]["novelty_ratio"], "accepted": metrics["operating_point"]["accepted"]}
+    op = metrics["operating_point"]
+    return {"zoo_acc": metrics["accuracy"]["zoo"]["mean"], "gen_acc": op["acc"], "novelty": op[NOVELTY],
+            "margin": op["margin"], "accepted": op["accepted"]}

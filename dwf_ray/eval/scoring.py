@@ -1,4 +1,4 @@
-"""Test accuracy and misclassification masks of many flat weight vectors, as Ray tasks."""
+"""Test accuracy, predictions and misclassification masks of many flat weight vectors, as Ray tasks."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,14 +6,15 @@ import torch
 
 from dwf_ray.archs import ArchSpec
 from dwf_ray.config import EvalConfig, ZooConfig
-from dwf_ray.data import Split, dataset_for
 from dwf_ray.accuracy import predict, recalibrate_batchnorm
-from dwf_ray.runtime import map_chunks, task_device
+from dwf_ray.data import Split, dataset_for
+from dwf_ray.runtime import task_device
 from dwf_ray.weights import WeightLayout, to_module
 
 
 def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, val_logits: int = 256):
-    """(test accuracy, wrong-prediction mask, logits on the first ``val_logits`` validation examples) per model.
+    """(test accuracy, wrong-prediction mask, logits on the first ``val_logits`` validation examples, test
+    predictions) per model.
 
     BatchNorm is recalibrated on train data. The logits are a permutation-invariant fingerprint of a model.
     Inputs may be features, images or token ids; runs on the task's GPU when it has one.
@@ -25,21 +26,15 @@ def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, 
     train, test = (Split(s.x.to(dev), s.y.to(dev)) for s in (data.train, data.test))
     val_x = data.val.x[:val_logits].to(dev)
     layout = WeightLayout.from_arch(arch)
-    accs, wrong, logits = [], [], []
+    accs, wrong, logits, preds = [], [], [], []
     for vec in flat:
         model = to_module(arch, layout.unflatten(vec)).to(dev)
         recalibrate_batchnorm(model, train, ec.bn_recal_batches, seed=ec.seed)
-        miss = (predict(model, test) != test.y).cpu().numpy()
+        pred = predict(model, test)
+        miss = (pred != test.y).cpu().numpy()
         accs.append(1.0 - miss.mean())
         wrong.append(miss)
+        preds.append(pred.cpu().numpy().astype(np.int32))
         with torch.no_grad():
             logits.append(model(val_x).cpu().numpy())
-    return np.asarray(accs), np.asarray(wrong), np.asarray(logits)
-
-
-def score_many(arch: ArchSpec, zoo_cfg: ZooConfig, eval_cfg: EvalConfig, sets: dict[str, np.ndarray],
-               val_logits: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(accuracy, wrong masks, validation logits) of several named sets of models, in parallel Ray tasks."""
-    args = (arch.to_json(), zoo_cfg.model_dump_json(), eval_cfg.model_dump_json())
-    return map_chunks(score_flat, {name: (args, (flat,)) for name, flat in sets.items()}, "eval: scoring models",
-                      num_gpus=eval_cfg.num_gpus, val_logits=val_logits)
+    return np.asarray(accs), np.asarray(wrong), np.asarray(logits), np.asarray(preds)

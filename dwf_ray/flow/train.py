@@ -12,6 +12,7 @@ from dwf_ray.config import FlowConfig, RunConfig
 from dwf_ray.flow.checkpoint import LatentScaler, save_flow
 from dwf_ray.flow.trainer import (FlowTrainer, check_labels, holdout_indices, is_eval_step, noise_generator,
                                   selectable)
+from dwf_ray.runtime import run_with_progress
 from dwf_ray.store import RunStore
 
 
@@ -47,10 +48,13 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"flow: resuming from the checkpoint of step {start}", flush=True)
     g = noise_generator(cfg.seed, rank, start)
+    progress = config.get("progress") if rank == 0 else None    # a runtime.Counter the driver shows
     running = 0.0
     for step in range(start, cfg.steps):
         idx = torch.randint(len(z_train), (local_batch,), generator=g)
         running += trainer.step(z_train[idx], g, None if y_train is None else y_train[idx])
+        if progress is not None and (step + 1) % max(1, cfg.steps // 100) == 0:
+            progress.set.remote(step + 1)
         if is_eval_step(cfg, step + 1):
             n_since = step + 1 - (history[-1]["step"] if history else start)
             metrics = {"step": step + 1, "train_loss": running / n_since,
@@ -71,11 +75,12 @@ def train_loop(config: dict) -> None:
 
 
 def train_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "flow", labels=None,
-               loop=train_loop) -> dict:
+               loop=train_loop, progress=None) -> dict:
     """Train on Ray Train; the checkpoint with the lowest held-out loss is written to ``out_dir/model.pt``.
 
     ``labels`` (one integer class per latent) train a conditional flow. ``loop`` is the worker function
-    (``train_loop``; tests wrap it to inject failures).
+    (``train_loop``; tests wrap it to inject failures). ``progress``: a ``runtime.Counter`` that rank 0 sets
+    to the steps done.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -83,7 +88,7 @@ def train_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "fl
     scaler = LatentScaler.fit(z, cfg.scaling)
     u = scaler.transform(z).astype(np.float32)
     train, hold = holdout_indices(len(u), cfg.holdout_fraction, cfg.seed)
-    loop_config = {"flow": cfg.model_dump(), "z_train": u[train], "z_hold": u[hold]}
+    loop_config = {"flow": cfg.model_dump(), "z_train": u[train], "z_hold": u[hold], "progress": progress}
     n_classes = 0
     if labels is not None:
         y = check_labels(labels, len(u))
@@ -119,5 +124,7 @@ def train_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "fl
 def run_flow(cfg: RunConfig, st: RunStore) -> dict:
     """The flow stage: train on the run's PCA latents; writes flow/model.pt."""
     from dwf_ray.pca.shards import PCAModel
-    info = train_flow(PCAModel.load_latents(st.uri("pca")), cfg.flow, st.uri("flow"))
+    z = PCAModel.load_latents(st.uri("pca"))
+    info = run_with_progress(lambda counter: train_flow(z, cfg.flow, st.uri("flow"), progress=counter),
+                             cfg.flow.steps, "flow")
     return {k: v for k, v in info.items() if k != "history"}
