@@ -151,5 +151,17 @@ def presets():
         typer.echo(key)
 
 
+def entry() -> None:
+    """The ``dwf`` console script (and ``jobs/run.py``): problems a user can act on (a missing bucket, object or
+    file, access denied, an endpoint that does not answer) become one line and exit code 2."""
+    import sys
+    from dwf_ray.store import StoreError
+    try:
+        app()
+    except (StoreError, FileNotFoundError, PermissionError) as exc:   # here, or in a Ray task (its cause)
+        typer.echo(f"dwf: error: {getattr(exc, 'cause', None) or exc}", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    entry()

@@ -1,6 +1,7 @@
 """Run roots on local disk or S3: atomic writes, ranged reads, manifests, stage markers."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -13,8 +14,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+# S3: give up on an endpoint that does not answer within seconds, not minutes
+_S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}}}
+
+
+class StoreError(OSError):
+    """An object-store problem a user can act on; the message names the bucket and key and what to check."""
+
+
+class MissingObject(StoreError, FileNotFoundError):
+    pass
+
+
+class AccessDenied(StoreError, PermissionError):
+    pass
+
+
+class Unreachable(StoreError, ConnectionError):
+    pass
+
+
 def _fs(uri: str):
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **(_S3_OPTIONS if uri.startswith("s3://") else {}))
     return fs, path
 
 
@@ -22,10 +43,47 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def explain(uri: str, exc: BaseException) -> BaseException:
+    """The StoreError a user can act on for an exception raised by the object store at ``uri`` (the
+    exception itself when it is not one of the store's)."""
+    if isinstance(exc, StoreError) or is_local(uri):
+        return exc
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    where = f"{uri} (bucket {bucket!r}, key {key!r})"
+    if isinstance(exc, PermissionError):
+        return AccessDenied(f"{where}: access denied; check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, the "
+                            f"node's role) and that the bucket policy allows this principal")
+    if isinstance(exc, FileNotFoundError):
+        if "bucket" in str(exc).lower():
+            return MissingObject(f"{where}: bucket {bucket!r} does not exist; check its name, the region and "
+                                 f"AWS_ENDPOINT_URL")
+        return MissingObject(f"{where}: no such object; check the path, or run the stage that writes it")
+    if type(exc).__module__.startswith(("botocore", "aiohttp")) and "connect" in type(exc).__name__.lower() + str(exc):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS endpoint")
+        return Unreachable(f"{where}: the S3 endpoint {endpoint} does not answer; check AWS_ENDPOINT_URL, the "
+                           f"network and any proxy")
+    return exc
+
+
+def _explained(fn):
+    """Object-store errors of ``fn(uri, ...)`` become StoreErrors naming the bucket, key and what to check."""
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args, **kwargs):
+        try:
+            return fn(uri, *args, **kwargs)
+        except Exception as exc:
+            explained = explain(uri, exc)
+            if explained is exc:
+                raise
+            raise explained from exc
+    return wrapper
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts if p])
 
 
+@_explained
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically: temp file + rename locally, one PUT on S3."""
     fs, path = _fs(uri)
@@ -40,17 +98,20 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.invalidate_cache(path)
 
 
+@_explained
 def read_bytes(uri: str) -> bytes:
     fs, path = _fs(uri)
     return fs.cat_file(path)
 
 
+@_explained
 def read_range(uri: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of an object (a ranged GET on S3)."""
     fs, path = _fs(uri)
     return fs.cat_file(path, start=start, end=end)
 
 
+@_explained
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
     if not is_local(uri):
@@ -58,12 +119,14 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+@_explained
 def remove(uri: str) -> None:
     fs, path = _fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
 
+@_explained
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """Files below a folder or prefix, as full URIs, sorted."""
     fs, path = _fs(uri)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dwf_ray.cli import app  # noqa: E402
+from dwf_ray.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
-    app()
+    entry()

@@ -37,3 +37,47 @@ def test_missing_object_on_s3_is_a_clear_error(s3_server):
     bucket = s3_server()
     with pytest.raises(CheckpointError, match=f"s3://{bucket}/nope.safetensors: checkpoint not found"):
         load_model_state(f"s3://{bucket}/nope.safetensors")
+
+
+def dwf_subprocess(*args: str, env: dict | None = None):
+    """The `dwf` console entry in its own process (its own S3 settings), as a user or a job runs it."""
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "dwf_ray.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dwf: error:") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_s3_problems_a_user_can_act_on_are_one_line_and_exit_2(s3_server, tmp_path):
+    """A missing bucket, a missing object, access denied by a bucket policy, and an endpoint that does not
+    answer: one line naming the bucket and key and what to check, from the `dwf` entry point."""
+    import boto3
+    bucket = s3_server()
+    line = one_error_line(dwf_subprocess("zoo", "--preset", SMOKE, "--root", "s3://no-such-bucket-dwf/runs/x"))
+    assert "bucket 'no-such-bucket-dwf'" in line and "does not exist" in line and "check" in line
+
+    line = one_error_line(dwf_subprocess("canon", "--root", f"s3://{bucket}/runs/never-made"))
+    assert f"s3://{bucket}/runs/never-made" in line and "no config.json" in line
+
+    line = one_error_line(dwf_subprocess("zoo", "import", f"s3://{bucket}/zoos/none/", "--arch",
+                                         '{"family": "mlp", "args": {"in_dim": 64, "hidden": [32], "out_dim": 10}}',
+                                         "--root", str(tmp_path / "imported")))
+    assert f"s3://{bucket}/zoos/none/" in line
+
+    locked = s3_server()
+    boto3.client("s3").put_bucket_policy(Bucket=locked, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Principal": "*", "Action": "s3:*",
+         "Resource": [f"arn:aws:s3:::{locked}", f"arn:aws:s3:::{locked}/*"]}]}))
+    line = one_error_line(dwf_subprocess("zoo", "--preset", SMOKE, "--root", f"s3://{locked}/runs/x"))
+    assert f"bucket '{locked}'" in line and "access denied" in line and "bucket policy" in line
+
+    line = one_error_line(dwf_subprocess("zoo", "--preset", SMOKE, "--root", f"s3://{bucket}/runs/y",
+                                         env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}))
+    assert "http://127.0.0.1:9 does not answer" in line and f"bucket '{bucket}'" in line
