@@ -87,14 +87,25 @@ def _arch_json(value: str) -> str:
 
 
 @zoo_app.command("import")
-def zoo_import(source: str = typer.Argument(..., help="folder or s3:// prefix of .safetensors/.pt/.pth/.bin checkpoints"),
-               arch: str = typer.Option(..., "--arch", help='ArchSpec JSON, e.g. {"family": "mlp", "args": {...}}, '
-                                                            "or @FILE holding it"),
+def zoo_import(source: str = typer.Argument(..., help="folder or s3:// prefix: transformers save_pretrained folders "
+                                                      "(config.json + weights), .safetensors/.pt/.pth/.bin files"),
+               arch: Optional[str] = typer.Option(None, "--arch", help='ArchSpec JSON, e.g. {"family": "mlp", '
+                                                  '"args": {...}}, or @FILE holding it; default: what the files say '
+                                                  "(a config.json, our safetensors metadata)"),
                dataset: str = typer.Option("digits", "--dataset"), preset: str = typer.Option("digits-mlp", "--preset"),
                root: Optional[str] = _ROOT, name: Optional[str] = _NAME, set_: List[str] = _SET):
     """Import checkpoints trained elsewhere as the zoo of a run root; each unusable file keeps an error row."""
     import json
-    overrides = list(set_) + [f"zoo.arch={_arch_json(arch)}", f"zoo.dataset={json.dumps(dataset)}"]
+    if arch is None:
+        from dwf_ray.zoo.formats import FormatError, infer_arch
+        try:
+            arch_json = infer_arch(source).to_json()
+        except (FormatError, FileNotFoundError) as exc:
+            fail(str(exc))
+        typer.echo(f"[zoo] architecture from the files: {arch_json}")
+    else:
+        arch_json = _arch_json(arch)
+    overrides = list(set_) + [f"zoo.arch={arch_json}", f"zoo.dataset={json.dumps(dataset)}"]
     _pipeline(preset, root, name, overrides).import_zoo(source)
 
 
@@ -120,6 +131,22 @@ for _stage, _doc in [
     ("eval", "Evaluate zoo, generated models and baselines; write report/."),
 ]:
     _stage_command(_stage, _doc)
+
+
+@app.command()
+def export(root: str = typer.Option(..., "--root", help="run root whose sample stage is complete"),
+           format_: str = typer.Option(..., "--format", help="hf (transformers folders, bert), torchvision "
+                                                             "(state_dict .pt files), safetensors (ours)"),
+           out: str = typer.Option(..., "--out", help="folder or s3:// prefix to write the models to"),
+           no_recalibrate: bool = typer.Option(False, "--no-recalibrate", help="torchvision: keep default BatchNorm "
+                                               "statistics instead of recalibrating on the training split")):
+    """Write the run's generated models (samples/) in the form their library loads directly (+ manifest.parquet)."""
+    from dwf_ray.sample.export import ExportError, export_samples
+    try:
+        man = export_samples(root, format_, out, recalibrate=not no_recalibrate)
+    except (ExportError, FileNotFoundError) as exc:
+        fail(str(exc))
+    typer.echo(f"exported {len(man)} models as {format_} to {out}; load one with: {man['loads_with'].iloc[0]}")
 
 
 @app.command()

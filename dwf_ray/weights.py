@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+from safetensors.torch import load as st_load
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, build_model
@@ -121,12 +121,21 @@ def read_header(uri: str) -> tuple[dict, int]:
     return _decode_header(raw, uri), data_start
 
 
+SHARD_INDEX = ".index.json"   # a sharded checkpoint: model.safetensors.index.json, pytorch_model.bin.index.json
+
+
 def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata) of a safetensors checkpoint, or of a PyTorch state_dict file (.pt/.pth/.bin)."""
+    """(tensors, metadata) of a safetensors checkpoint, of a PyTorch state_dict file (.pt/.pth/.bin), or of a
+    sharded checkpoint given by its index (``*.index.json``, as transformers' ``save_pretrained`` writes it).
+
+    bfloat16 tensors come back as float32 (numpy has no bfloat16); other dtypes as stored.
+    """
     try:
         raw = store.read_bytes(uri)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{uri}: checkpoint not found") from exc
+    if uri.endswith(SHARD_INDEX):
+        return _load_sharded(raw, uri)
     if uri.endswith((".pt", ".pth", ".bin")):
         return _load_torch(raw, uri), {}
     n, data_start = _parse_header(raw, uri)
@@ -137,10 +146,29 @@ def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if len(raw) < size:
         raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} of {size} bytes)")
     try:
-        tensors = st_load(raw)
+        tensors = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in st_load(raw).items()}
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{uri}: unreadable safetensors checkpoint ({exc})") from exc
     return tensors, header.get("__metadata__", {}) or {}
+
+
+def _load_sharded(raw: bytes, uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every shard an index names (files beside the index), each read by ``load_checkpoint``."""
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{uri}: not a shard index with a weight_map ({type(exc).__name__}: {exc})") from exc
+    folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    tensors, meta = {}, {}
+    for shard in shards:
+        part, part_meta = load_checkpoint(store.join(folder, shard))
+        tensors.update(part)
+        meta.update(part_meta)
+    missing = [k for k in weight_map if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{uri}: the index names tensors that no shard holds: {missing[:5]}")
+    return tensors, meta
 
 
 def _load_torch(raw: bytes, uri: str) -> dict[str, np.ndarray]:

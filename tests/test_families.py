@@ -290,7 +290,7 @@ def test_bert_family_runs_end_to_end(smoke_bert_run):
     assert (canon["dist_after"] < canon["dist_before"] - 1e-3).sum() == 5      # every model but the reference moved
     samples = pd.read_parquet(root / "samples" / "manifest.parquet")
     state, arch = load_model_state(samples["uri"].iloc[0])
-    assert arch.family == "bert" and state["model.bert.embeddings.word_embeddings.weight"].shape == (107, 16)
+    assert arch.family == "bert" and state["bert.embeddings.word_embeddings.weight"].shape == (107, 16)
     m = json.loads((root / "report" / "metrics.json").read_text())
     assert m["model"]["family"] == "bert" and m["model"]["dataset"] == "text-synth"
     # canonicalized models compute the same function: eval scores the canonical zoo as it was trained

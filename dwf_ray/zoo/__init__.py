@@ -17,6 +17,7 @@ from dwf_ray.data import dataset_for
 from dwf_ray.runtime import chunks, wait_with_progress
 from dwf_ray.store import RunStore
 from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, row_error, save_checkpoint
+from dwf_ray.zoo.formats import scan
 
 MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "sha256",
                     "train_acc", "val_acc", "test_acc", "status", "error"]
@@ -93,15 +94,14 @@ def train_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
-IMPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
-
 def _import_batch(batch: pd.DataFrame, arch_json: str) -> pd.DataFrame:
     """Validate each source checkpoint against the ArchSpec and write it as a safetensors zoo member."""
     arch = ArchSpec.from_json(arch_json)
     rows = []
     for row in batch.to_dict("records"):
         try:
+            if row["scan_error"]:
+                raise CheckpointError(row["scan_error"])
             state, _ = load_model_state(row["source_uri"], arch)
             row.update(n_params=int(sum(v.size for v in state.values())), status="ok", error="",
                        sha256=save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"]}))
@@ -113,21 +113,21 @@ def _import_batch(batch: pd.DataFrame, arch_json: str) -> pd.DataFrame:
 
 
 def import_checkpoints(source: str, arch: ArchSpec, dataset: str, out_dir: str, batch_size: int = 16) -> pd.DataFrame:
-    """Import a folder or S3 prefix of safetensors / PyTorch state_dict files as a zoo, in parallel Ray tasks.
+    """Import a folder or S3 prefix of checkpoints as a zoo, in parallel Ray tasks: transformers
+    ``save_pretrained`` folders, safetensors and PyTorch state_dict files (see ``zoo.formats``).
 
-    Every file gets a manifest row; files that fail validation keep status "error" and their reason.
+    Every model gets a manifest row; models that fail validation keep status "error" and their reason.
     """
-    files = store.list_files(source, IMPORT_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{source}: no .safetensors, .pt, .pth or .bin checkpoints found")
-    ids = [f"m{i:05d}" for i in range(len(files))]
-    todo = pd.DataFrame({"model_id": ids, "source_uri": files,
+    found = scan(source, infer=False)
+    ids = [f"m{i:05d}" for i in range(len(found))]
+    todo = pd.DataFrame({"model_id": ids, "source_uri": [f.uri for f in found],
+                         "scan_error": [f.error for f in found],
                          "uri": [store.join(out_dir, f"{m}.safetensors") for m in ids]})
     ds = ray.data.from_pandas(chunks(todo, batch_size))
     done = ds.map_batches(_import_batch, fn_kwargs={"arch_json": arch.to_json()}, batch_size=batch_size,
                           batch_format="pandas").to_pandas()
     if len(done) != len(todo):
-        raise RuntimeError(f"import: {len(todo)} files in, {len(done)} rows out")
+        raise RuntimeError(f"import: {len(todo)} models in, {len(done)} rows out")
     man = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri"])
     man["arch"], man["dataset"], man["seed"] = arch.to_json(), dataset, -1
     return man.sort_values("model_id").reset_index(drop=True)
@@ -162,7 +162,7 @@ def run_zoo(cfg: RunConfig, st: RunStore) -> dict:
 
 
 def run_import(cfg: RunConfig, st: RunStore, source: str) -> dict:
-    """The zoo stage for checkpoints trained elsewhere: every file under ``source`` gets a manifest row."""
+    """The zoo stage for checkpoints trained elsewhere: every model under ``source`` gets a manifest row."""
     man = import_checkpoints(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, st.stage_uri("zoo"))
     store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
     return store.counts(man) | {"source": source}

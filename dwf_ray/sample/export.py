@@ -1,0 +1,146 @@
+"""A run's generated models (samples/) written in the form their own library loads directly.
+
+- ``safetensors``: our checkpoints as they are (ArchSpec in the metadata), ``<model_id>.safetensors``;
+- ``hf`` (family ``bert``): one folder per model with ``config.json`` and ``model.safetensors``, what
+  ``transformers.BertForSequenceClassification.from_pretrained(folder)`` loads;
+- ``torchvision`` (families ``resnet18``, ``resnet20``, ``vit``): one ``state_dict`` file per model,
+  ``<model_id>.pt``, that the torchvision model loads with ``load_state_dict(torch.load(f), strict=True)``.
+  Generated checkpoints hold parameters only; BatchNorm running statistics are recalibrated on the run's
+  training split (as evaluation does), or left at their defaults (mean 0, variance 1) with
+  ``recalibrate=False``.
+
+``manifest.parquet`` beside the exported models lists them: model id, source checkpoint, exported path,
+format, ArchSpec, how to load it, and what the BatchNorm statistics are.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+
+import pandas as pd
+import ray
+import torch
+
+from dwf_ray import store
+from dwf_ray.accuracy import recalibrate_batchnorm
+from dwf_ray.archs import ArchSpec
+from dwf_ray.config import RunConfig
+from dwf_ray.data import dataset_for
+from dwf_ray.runtime import chunks, ensure_ray
+from dwf_ray.store import RunStore, ok_rows
+from dwf_ray.weights import load_model_state, to_module
+
+FORMATS = ("hf", "torchvision", "safetensors")
+FAMILIES = {"hf": ("bert",), "torchvision": ("resnet18", "resnet20", "vit"), "safetensors": None}
+COLUMNS = ["model_id", "source_uri", "uri", "format", "arch", "loads_with", "bn_stats"]
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported in the asked format; the message is one line."""
+
+
+def loads_with(arch: ArchSpec, fmt: str) -> str:
+    """How a user loads one exported model of ``arch`` (a line of Python)."""
+    a = arch.args
+    if fmt == "safetensors":
+        return "dwf_ray.weights.load_model_state(path)"
+    if fmt == "hf":
+        return "transformers.BertForSequenceClassification.from_pretrained(folder)"
+    if arch.family == "resnet18" and a.get("width", 64) == 64:
+        base = f"torchvision.models.resnet18(num_classes={a['num_classes']})"
+        changes = []
+        if a.get("cifar_stem"):
+            changes += [f"conv1 = nn.Conv2d({a.get('in_channels', 3)}, 64, 3, 1, 1, bias=False)",
+                        "maxpool = nn.Identity()"]
+        elif a.get("in_channels", 3) != 3:
+            changes.append(f"conv1 = nn.Conv2d({a['in_channels']}, 64, 7, 2, 3, bias=False)")
+        return base + (f" with {', '.join(changes)}" if changes else "") + "; .load_state_dict(torch.load(path))"
+    if arch.family == "vit":
+        keys = ("image_size", "patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim", "num_classes",
+                "dropout", "attention_dropout")
+        base = f"torchvision.models.VisionTransformer({', '.join(f'{k}={a[k]}' for k in keys if k in a)})"
+        if a.get("in_channels", 3) != 3:
+            p = a["patch_size"]
+            base += f" with conv_proj = nn.Conv2d({a['in_channels']}, {a['hidden_dim']}, {p}, {p})"
+        return base + "; .load_state_dict(torch.load(path))"
+    return ("dwf_ray.archs.build_model(arch).load_state_dict(torch.load(path)) "
+            "(torchvision's ResNet names; no torchvision constructor builds this one)")
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _write_hf(model: torch.nn.Module, folder: str) -> None:
+    """``save_pretrained`` into a local temporary folder, then each file to ``folder`` (local or S3)."""
+    from dwf_ray.archs.bert import to_transformers
+    with tempfile.TemporaryDirectory() as tmp:
+        to_transformers(model).save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                store.write_bytes(store.join(folder, name), f.read())
+
+
+def _export_batch(batch: pd.DataFrame, fmt: str, out: str, cfg_json: str, recalibrate: bool) -> pd.DataFrame:
+    torch.set_num_threads(1)
+    cfg = RunConfig.model_validate_json(cfg_json)
+    rows = []
+    for row in batch.to_dict("records"):
+        bn = "none"
+        if fmt == "safetensors":
+            uri = store.join(out, f"{row['model_id']}.safetensors")
+            store.write_bytes(uri, store.read_bytes(row["source_uri"]))
+        else:
+            state, arch = load_model_state(row["source_uri"])
+            model = to_module(arch, state)
+            if fmt == "hf":
+                uri = store.join(out, row["model_id"])
+                _write_hf(model, uri)
+            else:
+                if _has_batchnorm(model):
+                    bn = "default (mean 0, variance 1)"
+                    if recalibrate:
+                        recalibrate_batchnorm(model, dataset_for(cfg.zoo).train, cfg.eval.bn_recal_batches,
+                                              seed=cfg.eval.seed)
+                        bn = f"recalibrated on the {cfg.zoo.dataset} training split"
+                uri = store.join(out, f"{row['model_id']}.pt")
+                buf = io.BytesIO()
+                torch.save(model.state_dict(), buf)
+                store.write_bytes(uri, buf.getvalue())
+        rows.append({**row, "uri": uri, "bn_stats": bn})
+    return pd.DataFrame(rows)
+
+
+def export_samples(root: str, fmt: str, out: str, recalibrate: bool = True, batch_size: int = 8) -> pd.DataFrame:
+    """Export the generated models of the run at ``root`` to ``out`` (a folder or s3:// prefix) as ``fmt``;
+    returns the manifest also written to ``out/manifest.parquet``. Ray Data tasks write the models."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    st = RunStore(root)
+    if not store.exists(st.uri("config.json")):
+        raise ExportError(f"{st.root}: no config.json; not a dwf run root")
+    cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))
+    arch = ArchSpec.parse(cfg.zoo.arch)
+    families = FAMILIES[fmt]
+    if families is not None and arch.family not in families:
+        raise ExportError(f"--format {fmt} is for the families {', '.join(families)}; this run's models are "
+                          f"{arch.family}: use --format safetensors")
+    if not st.done(store.STAGE_FOLDERS["sample"]):
+        raise ExportError(f"{st.root}: no generated models yet (the sample stage is not complete): "
+                          f"run dwf sample --root {st.root}")
+    man = ok_rows(st.manifest("sample"))
+    if man.empty:
+        raise ExportError(f"{st.root}: the sample stage wrote no usable models (see samples/manifest.parquet)")
+    todo = pd.DataFrame({"model_id": man["model_id"].tolist(), "source_uri": man["uri"].tolist()})
+    ensure_ray()
+    ds = ray.data.from_pandas(chunks(todo, batch_size))
+    done = ds.map_batches(_export_batch, fn_kwargs={"fmt": fmt, "out": out, "cfg_json": cfg.model_dump_json(),
+                                                    "recalibrate": recalibrate},
+                          batch_size=batch_size, batch_format="pandas").to_pandas()
+    if len(done) != len(todo):
+        raise RuntimeError(f"export: {len(todo)} models in, {len(done)} out")
+    done["format"], done["arch"], done["loads_with"] = fmt, arch.to_json(), loads_with(arch, fmt)
+    done = done.reindex(columns=COLUMNS).sort_values("model_id").reset_index(drop=True)
+    store.write_table(store.join(out, "manifest.parquet"), done)
+    return done
