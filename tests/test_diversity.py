@@ -4,8 +4,7 @@ import torch
 
 from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
-from dwf_ray.eval.baselines import interpolation_baseline, noise_baseline
-from dwf_ray.eval.diversity import candidates, matched_nearest, nearest, wrong_iou, zoo_nn_median
+from dwf_ray.eval.diversity import candidates, matched_nearest, nearest, wrong_iou
 from dwf_ray.weights import WeightLayout
 
 ARCH = ArchSpec("mlp", {"in_dim": 6, "hidden": [12, 8], "out_dim": 3})
