@@ -1,6 +1,7 @@
 """Starting or joining Ray, and small helpers shared by the stages."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -27,7 +28,11 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    # Under `ray job submit` the job's runtime env already gives its env_vars to every worker, and ray.init
+    # refuses to set the same keys again ("Failed to merge the Job's runtime env").
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    given = (job.get("runtime_env") or {}).get("env_vars") or {}
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ and k not in given}
     runtime_env = {"env_vars": env} if env else None
     if quiet:
         from ray.data import DataContext
