@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.cluster_helpers import ROOT, ray_start_temp_dir, submit_job
-from tests.test_jobs import ray_head  # noqa: F401  (the `ray start --head` fixture)  # noqa: F401  (a fixture)
+from tests.test_jobs import ray_head  # noqa: F401  (the `ray start --head` fixture)
 
 SMOKE = "tests/presets/smoke.json"   # the smoke preset, a file in the job's working dir (this repository)
 
