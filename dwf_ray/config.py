@@ -34,6 +34,7 @@ class ZooConfig(_Cfg):
     lr: float = 3e-3
     weight_decay: float = 0.05
     cpus_per_model: float = 1.0
+    max_retries: int = 2             # a model whose worker dies is trained 1 + this many times, then an error row
 
 
 class CanonConfig(_Cfg):
@@ -50,6 +51,7 @@ class CanonConfig(_Cfg):
     actor_cpus: float = 0.5
     actor_gpus: float = 0.0
     batch_size: int = 8
+    max_retries: int = 2             # a checkpoint whose worker dies is tried 1 + this many times, then an error row
 
 
 class PCAConfig(_Cfg):

@@ -113,9 +113,11 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
 
 
-def wait_with_progress(refs: list, desc: str, bar=None, sizes: list[int] | None = None) -> list:
+def wait_with_progress(refs: list, desc: str, bar=None, sizes: list[int] | None = None, on_died=None) -> list:
     """ray.get with a tqdm bar that advances as tasks finish (by ``sizes[i]`` for task i, default 1);
-    ``bar`` continues an existing bar instead of opening one. Results keep the order of ``refs``."""
+    ``bar`` continues an existing bar instead of opening one. Results keep the order of ``refs``.
+    ``on_died(i, exc)``: the result of task i when its worker process died more often than its retries allow
+    (otherwise that error is raised)."""
     from tqdm.auto import tqdm
     index = {r: i for i, r in enumerate(refs)}
     out = [None] * len(refs)
@@ -126,7 +128,12 @@ def wait_with_progress(refs: list, desc: str, bar=None, sizes: list[int] | None 
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for r in done:
-                out[index[r]] = ray.get(r)
+                try:
+                    out[index[r]] = ray.get(r)
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as exc:
+                    if on_died is None:
+                        raise
+                    out[index[r]] = on_died(index[r], exc)
                 bar.update(sizes[index[r]] if sizes else 1)
     finally:
         if own:

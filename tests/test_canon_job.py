@@ -178,3 +178,47 @@ def test_zoo_import_from_an_s3_prefix(s3_server, ray_session, tmp_path):
     result = runner.invoke(app, ["zoo", "import", src, "--arch", '{"family": "mlp", "args": {"depth": 3}}',
                                  "--root", str(tmp_path / "other")])
     assert result.exit_code != 0 and "ArchSpec" in result.output and "'depth'" in result.output
+
+
+DRIVER = """
+import json, sys
+import ray
+from dwf_ray.canon.job import canonicalize_manifest
+from dwf_ray.config import CanonConfig
+from tests.test_canon_job import write_zoo
+ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+         runtime_env={"env_vars": {"PYTHONPATH": sys.argv[1]}, "worker_process_setup_hook": "tests.poison.install"})
+man = write_zoo(sys.argv[2], 12)
+man.loc[5, "uri"] = man.loc[5, "uri"].replace("m00005", "m00005-poison")
+import shutil; shutil.copy(man.loc[4, "uri"], man.loc[5, "uri"])
+out = canonicalize_manifest(man, CanonConfig(min_actors=1, max_actors=2, batch_size=4, max_retries=1), sys.argv[3])
+from dwf_ray.config import ZooConfig
+from dwf_ray.zoo import train_zoo
+zoo = train_zoo(ZooConfig(n_models=3, seed0=12, epochs=1, max_retries=1), sys.argv[4])
+print("RESULT" + json.dumps({"canon": out[["model_id", "status", "error"]].to_dict("records"),
+                             "zoo": zoo[["model_id", "seed", "status", "error"]].to_dict("records")}))
+"""
+
+
+def test_a_checkpoint_that_kills_its_worker_every_time_becomes_an_error_row(tmp_path):
+    """Bounded retries: canonicalization and zoo training give up on the model whose worker dies every time,
+    keep it as an error row naming the file, and finish every other row (in a Ray of their own, whose workers
+    die on "poison" files and on the zoo model of seed 13)."""
+    import json
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, root, str(tmp_path / "zoo"), str(tmp_path / "canonical"),
+                           str(tmp_path / "trained")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
+    rows = result["canon"]
+    assert len(rows) == 12
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert [r["model_id"] for r in bad] == ["m00005"], bad
+    assert "m00005-poison.safetensors" in bad[0]["error"] and "died" in bad[0]["error"] and "(2 attempts)" in bad[0]["error"]
+    zoo = {r["seed"]: r for r in result["zoo"]}
+    assert [zoo[s]["status"] for s in (12, 13, 14)] == ["ok", "error", "ok"], result["zoo"]
+    assert "m00001.safetensors" in zoo[13]["error"] and "died" in zoo[13]["error"]

@@ -24,11 +24,29 @@ _RESULT_COLUMNS = ["canon_uri", "dist_before", "dist_after"]
 _NO_RESULT = {"canon_uri": "", "dist_before": np.nan, "dist_after": np.nan}
 
 
+@ray.remote(num_cpus=0)
+class AttemptLedger:
+    """How many times each row was started and not finished. Ray Data restarts a pool actor that dies and
+    reruns its batch without limit; a row whose worker dies every time is given up on through this count."""
+
+    def __init__(self):
+        self.unfinished: dict[str, int] = {}
+
+    def start(self, key: str) -> int:
+        """Count a start; returns the earlier starts that never finished."""
+        earlier = self.unfinished.get(key, 0)
+        self.unfinished[key] = earlier + 1
+        return earlier
+
+    def finish(self, key: str) -> None:
+        self.unfinished.pop(key, None)
+
+
 class Canonicalizer:
     """Ray Data actor: loads the reference once, then matches each checkpoint of its batches onto it."""
 
     def __init__(self, ref_uri: str, arch_json: str, out_dir: str, cfg_json: str,
-                 activation_inputs: np.ndarray | None = None):
+                 activation_inputs: np.ndarray | None = None, ledger=None):
         import torch
         torch.set_num_threads(1)
         self.device = task_device()
@@ -38,7 +56,7 @@ class Canonicalizer:
         self.param_names = WeightLayout.from_arch(self.arch).names
         ref, _ = load_model_state(ref_uri, self.arch)
         self.ref = {k: ref[k] for k in self.param_names}
-        self.out_dir = out_dir
+        self.out_dir, self.ledger = out_dir, ledger
         self.by_activations = None
         if activation_inputs is not None:
             self.by_activations = ActivationMatcher(self.arch, ref, torch.as_tensor(activation_inputs))
@@ -63,10 +81,18 @@ class Canonicalizer:
             if row["status"] != "ok":
                 rows.append(row | _NO_RESULT)
                 continue
+            died = ray.get(self.ledger.start.remote(row["model_id"])) if self.ledger else 0
+            if died > self.cfg.max_retries:
+                rows.append(row | _NO_RESULT | {"status": "error", "error": (
+                    f"{row['uri']}: the worker process died each time it canonicalized this checkpoint ({died} "
+                    f"attempts); is it too large for the worker's memory?")})
+                continue
             try:
                 rows.append(row | self.one(row))
             except Exception as exc:             # whatever goes wrong with one model stays in its row
                 rows.append(row | _NO_RESULT | {"status": "error", "error": row_error(row["uri"], exc)})
+            if self.ledger:
+                self.ledger.finish.remote(row["model_id"])
         return pd.DataFrame(rows, columns=list(batch.columns) + _RESULT_COLUMNS)
 
 
@@ -118,18 +144,17 @@ def canonicalize_manifest(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str
         check_supported(ArchSpec.from_json(ref_row["arch"]))
         activation_inputs = dataset_for(zoo).train.x[:cfg.activation_samples].numpy()
     rows = manifest[["model_id", "uri", "status", "error"]].fillna("").astype(str)
-    ds = ray.data.from_pandas(chunks(rows, cfg.batch_size))
-    # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) restart a killed actor and rerun its
-    # unfinished batches; passing them through map_batches is deprecated in Ray 2.60, so they are left as is.
-    ds = ds.map_batches(
+    ledger = AttemptLedger.remote()      # bounds the retries of a row whose worker keeps dying
+    ds = ray.data.from_pandas(chunks(rows, cfg.batch_size)).map_batches(
         Canonicalizer,
         fn_constructor_kwargs=dict(ref_uri=ref_row["uri"], arch_json=ref_row["arch"], out_dir=out_dir,
-                                   cfg_json=cfg.model_dump_json(), activation_inputs=activation_inputs),
+                                   cfg_json=cfg.model_dump_json(), activation_inputs=activation_inputs, ledger=ledger),
         batch_size=cfg.batch_size, batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
     )
     out = rows_with_progress(ds, len(rows), "canon")
+    ray.kill(ledger)
     remove_partial_writes(out_dir)
     missing = sorted(set(manifest["model_id"]) - set(out["model_id"]))
     if missing or len(out) != len(manifest):

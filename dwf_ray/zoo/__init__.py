@@ -83,14 +83,21 @@ def train_member(cfg_json: str, seed: int, model_id: str, uri: str) -> dict:
 
 def train_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
     """Train ``cfg.n_models`` models as Ray tasks; returns the manifest (one row per model)."""
-    cfg_json = cfg.model_dump_json()
-    refs = []
+    cfg_json, arch = cfg.model_dump_json(), ArchSpec.parse(cfg.arch)
+    refs, members = [], []
     for i in range(cfg.n_models):
-        seed = cfg.seed0 + i
-        model_id = f"m{i:05d}"
-        refs.append(train_member.options(num_cpus=cfg.cpus_per_model).remote(
-            cfg_json, seed, model_id, store.join(out_dir, f"{model_id}.safetensors")))
-    rows = wait_with_progress(refs, "zoo: training")
+        seed, model_id = cfg.seed0 + i, f"m{i:05d}"
+        uri = store.join(out_dir, f"{model_id}.safetensors")
+        members.append((model_id, uri, seed))
+        refs.append(train_member.options(num_cpus=cfg.cpus_per_model, max_retries=cfg.max_retries).remote(
+            cfg_json, seed, model_id, uri))
+
+    def died(i: int, exc: Exception) -> dict:   # the worker died on every attempt: an error row, the rest go on
+        model_id, uri, seed = members[i]
+        return _row(model_id, uri, arch, cfg, seed, status="error", n_params=0, sha256="",
+                    error=f"{uri}: the worker process died each time it trained this model "
+                          f"({1 + cfg.max_retries} attempts; {type(exc).__name__})")
+    rows = wait_with_progress(refs, "zoo: training", on_died=died)
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
