@@ -88,7 +88,12 @@ def plot_tradeoff(points: list[dict], zoo: dict, zoo_std: float, axis: str = NOV
     if min_novelty is not None:
         ax.axvline(min_novelty, color="gray", lw=0.8, ls="--", label=f"novelty {min_novelty:g}")
     label = next(m.label for m in METRICS if m.key == axis)
-    ax.set_xlabel(label)
+    gen_accs = [p["acc"] for p in points if p["method"].startswith("generator")]
+    if gen_accs:     # the generator's range, not the far ends of the strongest baselines
+        ax.set_ylim(min(gen_accs) - 5, zoo["acc"] + max(2 * zoo_std, 1))
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(label + " (log scale above 1)")
     ax.set_ylabel("mean test accuracy %")
     ax.legend(fontsize=7)
     data = _png(fig)
