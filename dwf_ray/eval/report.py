@@ -16,8 +16,9 @@ def summary(acc: np.ndarray) -> dict:
 
 
 def accuracy_table(rows: dict[str, dict]) -> str:
+    """Zoo and generated models first, then the other sets (metrics.json stores its keys sorted)."""
     lines = ["| models | n | mean acc % | std | min | max |", "|---|---|---|---|---|---|"]
-    for name, s in rows.items():
+    for name, s in sorted(rows.items(), key=lambda kv: (kv[0] != "zoo", kv[0] != "generated", kv[0])):
         lines.append(f"| {name} | {s['n']} | {s['mean']:.2f} | {s['std']:.2f} | {s['min']:.2f} | {s['max']:.2f} |")
     return "\n".join(lines)
 
