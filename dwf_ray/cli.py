@@ -127,7 +127,6 @@ for _stage, _doc in [
     ("canon", "Canonicalize the zoo onto the reference with Ray Data (canon/)."),
     ("pca", "Distributed dual PCA with GramShard actors (pca/)."),
     ("flow", "Train the flow model with Ray Train (flow/model.pt)."),
-    ("sample", "Generate models and decode them to checkpoints (samples/, one sub-folder per sweep temperature)."),
     ("eval", "Evaluate zoo, generated models and baselines; write report/."),
 ]:
     _stage_command(_stage, _doc)
@@ -147,6 +146,46 @@ def export(root: str = typer.Option(..., "--root", help="run root whose sample s
     except (ExportError, FileNotFoundError) as exc:
         fail(str(exc))
     typer.echo(f"exported {len(man)} models as {format_} to {out}; load one with: {man['loads_with'].iloc[0]}")
+
+
+@app.command()
+def sample(preset: Optional[str] = _PRESET, root: Optional[str] = _ROOT, name: Optional[str] = _NAME,
+           set_: List[str] = _SET, restart_from: Optional[str] = _RESTART,
+           endpoint: Optional[str] = typer.Option(None, "--endpoint", help="URL of a running `dwf serve`: take the "
+                                                                           "models from it instead"),
+           out: Optional[str] = typer.Option(None, "--out", help="with --endpoint: folder or s3:// prefix to write"),
+           n: int = typer.Option(1, "--n", help="with --endpoint: how many models"),
+           seed: Optional[int] = typer.Option(None, "--seed"), temperature: Optional[float] = typer.Option(None, "--temperature"),
+           token_file: Optional[str] = typer.Option(None, "--token-file", help="bearer token (default $DWF_SERVE_TOKEN)")):
+    """Generate models and decode them to checkpoints (samples/, one sub-folder per sweep temperature), or fetch
+    them from a running service with --endpoint."""
+    if endpoint is None:
+        _pipeline(preset, root, name, set_, restart_from).run_stage("sample")
+        return
+    from dwf_ray.serve.app import read_token
+    from dwf_ray.serve.client import SampleError, write_from_endpoint
+    if not out:
+        fail("--endpoint needs --out DIR")
+    try:
+        man = write_from_endpoint(endpoint, out, n, seed, temperature, read_token(token_file))
+    except (SampleError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {len(man)} models from {endpoint} to {out}")
+
+
+@app.command()
+def serve(root: str = typer.Option(..., "--root", help="a finished run root (local or s3://)"),
+          host: str = typer.Option("127.0.0.1", "--host", help="bind address (a non-loopback one needs a token)"),
+          port: int = typer.Option(8000, "--port"),
+          token_file: Optional[str] = typer.Option(None, "--token-file", help="bearer token (default $DWF_SERVE_TOKEN)"),
+          insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback host without a token"),
+          set_: List[str] = typer.Option([], "--set", help="a Serve option: key=value (see dwf_ray/serve/config.py)")):
+    """Serve new models of a finished run over HTTP (Ray Serve, batched); blocks until Ctrl-C."""
+    from dwf_ray.serve.app import serve_main
+    try:
+        serve_main(root, host, port, token_file, insecure, list(set_), log=typer.echo)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
 
 
 @app.command()

@@ -27,6 +27,7 @@ import numpy as np
 import ray
 from ray import serve
 
+from dwf_ray import store
 from dwf_ray.serve.config import AppArgs, ServeConfig
 from dwf_ray.serve.wire import CHUNK_BYTES, SOLVERS, SampleRequest, encode_header, max_models, stream_safetensors
 
@@ -70,7 +71,6 @@ def token_digest(token: Optional[str]) -> Optional[str]:
 def read_token(token_file: Optional[str]) -> Optional[str]:
     """The service token: from ``token_file`` (local or s3://) when given, else $DWF_SERVE_TOKEN, else None."""
     if token_file:
-        from dwf_ray import store
         token = store.read_bytes(token_file).decode().strip()
         if not token:
             raise ValueError(f"token file {token_file} is empty")
@@ -132,7 +132,6 @@ class SampleService:
 
     def __init__(self, root: str, cfg_json: str, token_sha256: Optional[str] = None):
         import torch
-        from dwf_ray import store
         from dwf_ray.runtime import task_device
         from dwf_ray.sample.generator import Generator
         from dwf_ray.weights import WeightLayout
@@ -276,7 +275,10 @@ class SampleService:
         headers = {"X-Batch-Size": str(batch_size), "X-Solve-Size": str(solve_size), "X-Seed": str(job.seed),
                    "X-Models": str(job.n)}
         if req.format == "uri":
-            body = await asyncio.to_thread(self._write_uris, flat, job, meta)
+            try:
+                body = await asyncio.to_thread(self._write_uris, flat, job, meta)
+            except OSError as exc:
+                raise ApiError(500, f"writing under {store.join(self.root, SERVED)} failed: {exc}", "format") from exc
             return JSONResponse(body | {"batch_size": batch_size}, headers=headers)
         layout = self.layouts[job.label]
         header = encode_header([(e.name, e.shape, e.offset) for e in layout.entries], job.n, layout.size, meta)
@@ -291,7 +293,6 @@ class SampleService:
         return StreamingResponse(body(), media_type=OCTET, headers=headers)
 
     def _write_uris(self, flat: np.ndarray, job: Job, meta: dict) -> dict:
-        from dwf_ray import store
         out_dir = store.join(self.root, SERVED, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
         manifest = self.gen.write(out_dir, flat, job.label)
         store.write_json(store.join(out_dir, "request.json"), meta)
@@ -340,7 +341,6 @@ class SampleService:
 
 
 def _read_optional_json(uri: str) -> Optional[dict]:
-    from dwf_ray import store
     return store.read_json(uri) if store.exists(uri) else None
 
 
@@ -348,7 +348,6 @@ def _read_optional_json(uri: str) -> Optional[dict]:
 
 def make_app(root: str, cfg: Optional[ServeConfig] = None, token: Optional[str] = None):
     """The Serve application over ``root`` (checked to hold a trained flow) with ``cfg``'s deployment options."""
-    from dwf_ray import store
     from dwf_ray.store import RunStore
     cfg = cfg or ServeConfig()
     root = RunStore(root).root
