@@ -296,8 +296,9 @@ def test_bert_family_runs_end_to_end(smoke_bert_run):
     # canonicalized models compute the same function: eval scores the canonical zoo as it was trained
     assert m["accuracy"]["zoo"]["mean"] == pytest.approx(zoo["test_acc"].mean() * 100, abs=0.1)
     assert m["accuracy"]["generated"]["n"] == 6
-    assert {p["method"] for p in m["tradeoff"]} == {"generator", "noise", "interpolation"}
-    for p in m["tradeoff"]:   # generator points carry their margin over the better baseline at equal novelty
+    assert {p["method"] for p in m["tradeoff"]} == {"generator", "noise", "layer noise", "average", "interpolation",
+                                                    "gaussian"}
+    for p in m["tradeoff"]:   # generator points carry their margin over the best baseline at equal novelty
         assert ("margin" in p) == (p["method"] == "generator")
     op = m["operating_point"]
     assert op["accepted"] == ("T=1" in op["passing_settings"])
