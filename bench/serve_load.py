@@ -12,7 +12,7 @@
 3. Recovery: a stream of client requests (SampleClient, with retries) while the batched app's replica is
    killed: time until the replacement runs, the slowest request, errors left after retries.
 
-    python bench/serve_load.py --root /tmp/base-runs/digits-mlp
+    python bench/serve_load.py --root runs/digits-mlp
     python bench/serve_load.py --root runs/smoke --requests 300 --max-seconds 10   # quick
 
 Writes bench/results/serve_load_<root name>.json.
