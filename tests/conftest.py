@@ -148,3 +148,17 @@ def assert_same_function(arch, a: dict, b: dict) -> None:
     import numpy as np
     out_a, out_b = outputs(arch, a), outputs(arch, b)
     np.testing.assert_allclose(out_a, out_b, rtol=1e-4, atol=1e-4 * np.abs(out_a).max())
+
+
+def random_flat_zoo(arch, n: int):
+    """(n, d) flat parameters of freshly initialised models of ``arch`` (seeds 0..n-1), no training."""
+    import numpy as np
+    import torch
+    from dwf_ray.archs import build_model
+    from dwf_ray.weights import WeightLayout
+    layout = WeightLayout.from_arch(arch)
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        out.append(layout.flatten({k: v.detach().numpy() for k, v in build_model(arch).named_parameters()}))
+    return np.stack(out)

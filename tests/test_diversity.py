@@ -6,17 +6,13 @@ from dwf_ray.archs import ArchSpec, build_model, permutation_spec
 from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.eval.diversity import candidates, matched_nearest, nearest, wrong_iou
 from dwf_ray.weights import WeightLayout
+from tests.conftest import random_flat_zoo
 
 ARCH = ArchSpec("mlp", {"in_dim": 6, "hidden": [12, 8], "out_dim": 3})
 
 
 def zoo_of(n: int) -> np.ndarray:
-    layout = WeightLayout.from_arch(ARCH)
-    out = []
-    for seed in range(n):
-        torch.manual_seed(seed)
-        out.append(layout.flatten({k: v.detach().numpy() for k, v in build_model(ARCH).named_parameters()}))
-    return np.stack(out)
+    return random_flat_zoo(ARCH, n)
 
 
 def logits(flat: np.ndarray, x: torch.Tensor) -> np.ndarray:

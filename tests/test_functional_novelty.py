@@ -3,9 +3,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import torch
 
-from dwf_ray.archs import ArchSpec, build_model, permutation_spec
+from dwf_ray.archs import ArchSpec, permutation_spec
 from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.canon.job import load_canonical
 from dwf_ray.config import RunConfig
@@ -15,17 +14,9 @@ from dwf_ray.eval.diversity import disagreement_nearest, max_wrong_iou, zoo_nn_m
 from dwf_ray.eval.scoring import score_flat
 from dwf_ray.store import RunStore
 from dwf_ray.weights import WeightLayout
+from tests.conftest import random_flat_zoo
 
 ARCH = ArchSpec("mlp", {"in_dim": 6, "hidden": [12, 8], "out_dim": 3})
-
-
-def random_zoo(arch: ArchSpec, n: int) -> np.ndarray:
-    layout = WeightLayout.from_arch(arch)
-    out = []
-    for seed in range(n):
-        torch.manual_seed(seed)
-        out.append(layout.flatten({k: v.detach().numpy() for k, v in build_model(arch).named_parameters()}))
-    return np.stack(out)
 
 
 def test_disagreement_and_similarity_by_hand():
@@ -69,7 +60,7 @@ def test_copies_score_zero_and_another_training_run_scores_like_the_zoo(smoke_ru
 
 
 def test_each_baseline_is_what_its_definition_says():
-    zoo = random_zoo(ARCH, 10)
+    zoo = random_flat_zoo(ARCH, 10)
     layout = WeightLayout.from_arch(ARCH)
     med = zoo_nn_median(zoo)
     noisy = noise_baseline(zoo, 0.5, med, 10, seed=0)
@@ -115,7 +106,7 @@ def test_streaming_evaluation_matches_scoring_all_at_once_and_holds_one_set(smok
     # memory: a wide MLP zoo (1.2 MB a model), sets of 40 models (48 MB): 2 sets against 8 sets
     wide = ArchSpec("mlp", {"in_dim": 64, "hidden": [512, 512], "out_dim": 10})
     wcfg = cfg.model_copy(update={"zoo": cfg.zoo.model_copy(update={"arch": {"family": "mlp", "args": wide.args}})})
-    wzoo = random_zoo(wide, 6)
+    wzoo = random_flat_zoo(wide, 6)
     wjudge = ZooJudge(wide, wcfg, wzoo)
     set_bytes = 40 * wzoo.shape[1] * 4
 
