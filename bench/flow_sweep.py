@@ -6,6 +6,7 @@ baselines (eval/baselines.py) interpolated to the same functional novelty, and t
 
     python bench/flow_sweep.py runs/digits-mlp --grid flow.source_std=0.1,0.3,1.0 --grid flow.steps=4000,16000 \
         --temperatures 0.7,1.0,1.2
+    python bench/flow_sweep.py runs/digits-mlp --run-flow --temperatures 0.1,0.2,0.3,0.5   # the run's own flow
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ def main() -> None:
     ap.add_argument("--temperatures", default="0.7,1.0,1.2,1.5")
     ap.add_argument("--n", type=int, default=100, help="models generated per temperature")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run-flow", action="store_true", help="sample the run's own trained flow (no --grid)")
     args = ap.parse_args()
+    if args.run_flow and args.grid:
+        ap.error("--run-flow samples the flow the run trained: give no --grid")
     torch.set_num_threads(args.threads)
 
     pipe, pca, z, scorer = open_run(args.root, args.n)
@@ -39,20 +43,25 @@ def main() -> None:
           f"model {scorer.unit:.4f}")
     print("| setting | T | acc % | functional novelty | spread | best baseline at equal novelty % | delta pp | train s |")
     print("|---|---|---|---|---|---|---|---|")
+    def report(setting: str, gen: Generator, sample_cfg, seconds: float) -> None:
+        for temp in temps:
+            acc, nov, spread = scorer(gen(args.n, temp, sample_cfg.seed, sample_cfg.solver, sample_cfg.steps))
+            base = scorer.baselines_at(nov)
+            best = max(base, key=base.get)
+            print(f"| {setting} | {temp:g} | {acc:.2f} | {nov:.3f} | {spread:.2f} | {base[best]:.2f} ({best}) | "
+                  f"{acc - base[best]:+.2f} | {seconds:.0f} |", flush=True)
+
+    if args.run_flow:
+        report("the run's flow", Generator.load(args.root), pipe.cfg.sample, 0)
+        return
     for combo in itertools.product(*values) if values else [()]:
         overrides = [f"{k}={v}" for k, v in zip(keys, combo)]
         cfg = pipe.cfg.with_overrides(overrides)
         fc = cfg.flow
         scaler = LatentScaler.fit(z, fc.scaling)
         trainer, info = train_in_process(scaler.transform(z), fc)
-        gen = Generator(trainer.ema, fc, [Decoder(scaler, pca, pipe.arch)])
-        for temp in temps:
-            acc, nov, spread = scorer(gen(args.n, temp, cfg.sample.seed, cfg.sample.solver, cfg.sample.steps))
-            base = scorer.baselines_at(nov)
-            best = max(base, key=base.get)
-            print(f"| {' '.join(overrides) or 'run config'} | {temp:g} | {acc:.2f} | {nov:.3f} | {spread:.2f} | "
-                  f"{base[best]:.2f} ({best}) | {acc - base[best]:+.2f} | {info['seconds']:.0f} |", flush=True)
-
+        report(" ".join(overrides) or "run config", Generator(trainer.ema, fc, [Decoder(scaler, pca, pipe.arch)]),
+               cfg.sample, info["seconds"])
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,7 @@ class CanonConfig(_Cfg):
     actor_cpus: float = 0.5
     actor_gpus: float = 0.0
     batch_size: int = 8
-    max_retries: int = 2             # a checkpoint whose worker dies is tried 1 + this many times, then an error row
+    max_retries: int = 2             # a checkpoint whose worker dies in its batch is tried alone 1 + this many times, then an error row
 
 
 class PCAConfig(_Cfg):

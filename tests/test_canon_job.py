@@ -218,7 +218,7 @@ def test_a_checkpoint_that_kills_its_worker_every_time_becomes_an_error_row(tmp_
     assert len(rows) == 12
     bad = [r for r in rows if r["status"] != "ok"]
     assert [r["model_id"] for r in bad] == ["m00005"], bad
-    assert "m00005-poison.safetensors" in bad[0]["error"] and "died" in bad[0]["error"] and "(2 attempts)" in bad[0]["error"]
+    assert "m00005-poison.safetensors" in bad[0]["error"] and "died" in bad[0]["error"] and "(3 attempts)" in bad[0]["error"]
     zoo = {r["seed"]: r for r in result["zoo"]}
     assert [zoo[s]["status"] for s in (12, 13, 14)] == ["ok", "error", "ok"], result["zoo"]
     assert "m00001.safetensors" in zoo[13]["error"] and "died" in zoo[13]["error"]

@@ -19,3 +19,57 @@ def test_bad_command_lines_get_one_line_and_exit_code_2(args, named, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dwf: error:") and named in lines[0], result.stderr
     assert "Traceback" not in result.output
+
+
+def test_the_terminal_shows_stage_lines_and_progress_bars_and_ray_logs_go_to_the_run_root(tmp_path):
+    """`dwf` on a Ray of its own, as a user runs it: stdout has the stages' lines, stderr only progress bars;
+    Ray's log lines, and what its C++ core writes to the process's standard error, go to <root>/logs/dwf.log."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.presets import SMOKE
+    root = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TQDM_DISABLE")}  # conftest sets it
+    small = ["--set", "zoo.n_models=6", "--set", "zoo.epochs=2", "--set", "canon.batch_size=2"]
+    for args in (["zoo", "--preset", SMOKE, *small], ["canon"]):
+        proc = subprocess.run([sys.executable, "-m", "dwf_ray.cli", *args, "--root", str(root)],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        stage = args[0]
+        assert re.search(rf"^\[{stage}\] done in [\d.]+ s$", proc.stdout, re.M), proc.stdout
+        pieces = [p.strip() for p in re.split(r"[\r\n]", proc.stderr) if p.strip()]
+        bars = [p for p in pieces if re.match(rf"^{stage}\b[\w :]*:\s+\d+%\|", p)]
+        assert bars and bars == pieces, [p for p in pieces if p not in bars][:5]
+        assert "INFO" not in proc.stdout and "WARNING" not in proc.stdout
+    log = (root / "logs" / "dwf.log").read_text()
+    assert "Started a local Ray instance" in log and "ray.data" in log
+
+
+QUIET = """
+import os, sys
+from tqdm import tqdm
+from dwf_ray.runtime import quiet_logs
+with quiet_logs(sys.argv[1]):
+    os.write(2, b"native line, as Ray's C++ core writes it\\n")
+    for _ in tqdm(range(3), desc="stage"):
+        pass
+    import logging; logging.getLogger("ray.data").warning("a Ray Data warning")
+os.write(2, b"after the block\\n")
+"""
+
+
+def test_quiet_logs_sends_what_is_written_to_descriptor_2_to_the_log_and_keeps_the_bars(tmp_path):
+    import os
+    import subprocess
+    import sys
+    log = tmp_path / "logs" / "dwf.log"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run([sys.executable, "-c", QUIET, str(log)], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage: 100%" in proc.stderr and "after the block" in proc.stderr
+    assert "native line" not in proc.stderr and "a Ray Data warning" not in proc.stderr
+    text = log.read_text()
+    assert "native line, as Ray's C++ core writes it" in text and "a Ray Data warning" in text

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 from dwf_ray.archs import ArchSpec, register
 from dwf_ray.archs.cnn import build_on_meta, module_axes
@@ -19,6 +18,7 @@ class ResNet(nn.Module):
 
     def __init__(self, stage_widths: list[int], blocks_per_stage: list[int], num_classes: int,
                  in_channels: int = 3, cifar_stem: bool = False):
+        from torchvision.models.resnet import BasicBlock, conv1x1  # here: importing torchvision costs ~1 s
         super().__init__()
         if len(stage_widths) != len(blocks_per_stage) or not stage_widths:
             raise ValueError(f"resnet: need one block count per stage, got widths {stage_widths} "
@@ -79,6 +79,7 @@ def resnet_permutation_spec(spec: ArchSpec) -> PermutationSpec:
     permutation. Each block's inner channels (conv1/bn1 -> conv2 input) have their own permutation.
     The fc input follows the last stream.
     """
+    from torchvision.models.resnet import BasicBlock
     model = build_on_meta(spec)
     stream = "P_conv1"
     axes = module_axes(model, "conv1", stream) | module_axes(model, "bn1", stream)

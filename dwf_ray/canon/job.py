@@ -15,7 +15,7 @@ from dwf_ray.canon.activations import ActivationMatcher, check_supported
 from dwf_ray.canon.matching import canonicalize, distance
 from dwf_ray.config import CanonConfig, RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import chunks, rows_with_progress, task_device
+from dwf_ray.runtime import row_blocks, rows_with_progress, task_device
 from dwf_ray.store import RunStore
 from dwf_ray.weights import (CheckpointError, WeightLayout, load_flat_models, load_model_state, row_error,
                              save_checkpoint)
@@ -26,20 +26,35 @@ _NO_RESULT = {"canon_uri": "", "dist_before": np.nan, "dist_after": np.nan}
 
 @ray.remote(num_cpus=0)
 class AttemptLedger:
-    """How many times each row was started and not finished. Ray Data restarts a pool actor that dies and
-    reruns its batch without limit; a row whose worker dies every time is given up on through this count."""
+    """Starts that never finished, per row. Ray Data restarts a pool actor that dies and reruns its batch
+    without limit; a row whose worker dies every time is given up on through these counts.
+
+    A batch is first run with one call for all its rows (``start_batch``). A row that was in a batch whose
+    worker died is from then on run one row at a time (``start_row``), so that the row that kills the worker is
+    the only one counted against the limit.
+    """
 
     def __init__(self):
-        self.unfinished: dict[str, int] = {}
+        self.in_batch: dict[str, int] = {}
+        self.alone: dict[str, int] = {}
 
-    def start(self, key: str) -> int:
-        """Count a start; returns the earlier starts that never finished."""
-        earlier = self.unfinished.get(key, 0)
-        self.unfinished[key] = earlier + 1
+    def start_batch(self, keys: list[str]) -> bool:
+        """Count a start of every row; False if one of them was in a batch that never finished."""
+        clean = not any(k in self.in_batch for k in keys)
+        for k in keys:
+            self.in_batch[k] = self.in_batch.get(k, 0) + 1
+        return clean
+
+    def start_row(self, key: str) -> int:
+        """Count a start of one row on its own; returns its earlier starts on its own that never finished."""
+        earlier = self.alone.get(key, 0)
+        self.alone[key] = earlier + 1
         return earlier
 
-    def finish(self, key: str) -> None:
-        self.unfinished.pop(key, None)
+    def finish(self, keys: list[str]) -> None:
+        for k in keys:
+            self.in_batch.pop(k, None)
+            self.alone.pop(k, None)
 
 
 class Canonicalizer:
@@ -76,23 +91,28 @@ class Canonicalizer:
                 "dist_after": distance(self.ref, out, self.param_names)}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        records = batch.to_dict("records")
+        keys = [r["model_id"] for r in records if r["status"] == "ok"]
+        one_by_one = self.ledger is not None and not ray.get(self.ledger.start_batch.remote(keys))
         rows = []
-        for row in batch.to_dict("records"):
+        for row in records:
             if row["status"] != "ok":
                 rows.append(row | _NO_RESULT)
                 continue
-            died = ray.get(self.ledger.start.remote(row["model_id"])) if self.ledger else 0
+            died = ray.get(self.ledger.start_row.remote(row["model_id"])) if one_by_one else 0
             if died > self.cfg.max_retries:
                 rows.append(row | _NO_RESULT | {"status": "error", "error": (
-                    f"{row['uri']}: the worker process died each time it canonicalized this checkpoint ({died} "
-                    f"attempts); is it too large for the worker's memory?")})
-                continue
-            try:
-                rows.append(row | self.one(row))
-            except Exception as exc:             # whatever goes wrong with one model stays in its row
-                rows.append(row | _NO_RESULT | {"status": "error", "error": row_error(row["uri"], exc)})
-            if self.ledger:
-                self.ledger.finish.remote(row["model_id"])
+                    f"{row['uri']}: the worker process died each time it canonicalized this checkpoint "
+                    f"({died + 1} attempts); is it too large for the worker's memory?")})
+            else:
+                try:
+                    rows.append(row | self.one(row))
+                except Exception as exc:             # whatever goes wrong with one model stays in its row
+                    rows.append(row | _NO_RESULT | {"status": "error", "error": row_error(row["uri"], exc)})
+            if one_by_one:
+                self.ledger.finish.remote([row["model_id"]])
+        if self.ledger is not None:
+            self.ledger.finish.remote(keys)
         return pd.DataFrame(rows, columns=list(batch.columns) + _RESULT_COLUMNS)
 
 
@@ -145,7 +165,7 @@ def canonicalize_manifest(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str
         activation_inputs = dataset_for(zoo).train.x[:cfg.activation_samples].numpy()
     rows = manifest[["model_id", "uri", "status", "error"]].fillna("").astype(str)
     ledger = AttemptLedger.remote()      # bounds the retries of a row whose worker keeps dying
-    ds = ray.data.from_pandas(chunks(rows, cfg.batch_size)).map_batches(
+    ds = row_blocks(rows, cfg.batch_size).map_batches(
         Canonicalizer,
         fn_constructor_kwargs=dict(ref_uri=ref_row["uri"], arch_json=ref_row["arch"], out_dir=out_dir,
                                    cfg_json=cfg.model_dump_json(), activation_inputs=activation_inputs, ledger=ledger),

@@ -19,7 +19,6 @@ import os
 import tempfile
 
 import pandas as pd
-import ray
 import torch
 
 from dwf_ray import store
@@ -27,7 +26,7 @@ from dwf_ray.accuracy import recalibrate_batchnorm
 from dwf_ray.archs import ArchSpec
 from dwf_ray.config import RunConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import chunks, ensure_ray
+from dwf_ray.runtime import ensure_ray, row_blocks
 from dwf_ray.store import RunStore, ok_rows
 from dwf_ray.weights import load_model_state, to_module
 
@@ -134,7 +133,7 @@ def export_samples(root: str, fmt: str, out: str, recalibrate: bool = True, batc
         raise ExportError(f"{st.root}: the sample stage wrote no usable models (see samples/manifest.parquet)")
     todo = pd.DataFrame({"model_id": man["model_id"].tolist(), "source_uri": man["uri"].tolist()})
     ensure_ray()
-    ds = ray.data.from_pandas(chunks(todo, batch_size))
+    ds = row_blocks(todo, batch_size)
     done = ds.map_batches(_export_batch, fn_kwargs={"fmt": fmt, "out": out, "cfg_json": cfg.model_dump_json(),
                                                     "recalibrate": recalibrate},
                           batch_size=batch_size, batch_format="pandas").to_pandas()

@@ -14,7 +14,7 @@ from dwf_ray.accuracy import accuracy
 from dwf_ray.archs import ArchSpec, build_model
 from dwf_ray.config import RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import chunks, wait_with_progress
+from dwf_ray.runtime import row_blocks, wait_with_progress
 from dwf_ray.store import RunStore
 from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, row_error, save_checkpoint
 from dwf_ray.zoo.formats import scan
@@ -130,7 +130,7 @@ def import_checkpoints(source: str, arch: ArchSpec, dataset: str, out_dir: str, 
     todo = pd.DataFrame({"model_id": ids, "source_uri": [f.uri for f in found],
                          "scan_error": [f.error for f in found],
                          "uri": [store.join(out_dir, f"{m}.safetensors") for m in ids]})
-    ds = ray.data.from_pandas(chunks(todo, batch_size))
+    ds = row_blocks(todo, batch_size)
     done = ds.map_batches(_import_batch, fn_kwargs={"arch_json": arch.to_json()}, batch_size=batch_size,
                           batch_format="pandas").to_pandas()
     if len(done) != len(todo):
