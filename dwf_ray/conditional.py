@@ -111,10 +111,11 @@ def evaluate_class(c: ZooClass, generated: dict[str, np.ndarray], baselines: boo
     class's own zoo."""
     _, zoo = load_canonical(c.cfg, c.st)
     ec = c.cfg.eval
-    sets = [ScoredSet(key, GENERATOR, key, lambda flat=flat: flat, len(flat)) for key, flat in generated.items()]
+    sets = [ScoredSet(key, GENERATOR, key, lambda zoo, flat=flat: flat, len(flat))
+            for key, flat in generated.items()]
     if baselines:
         sets += [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
-                 for b in baseline_sets(zoo, WeightLayout.from_arch(c.arch), ec, zoo_nn_median(zoo))]
+                 for b in baseline_sets(len(zoo), WeightLayout.from_arch(c.arch), ec, zoo_nn_median(zoo))]
     judge = ZooJudge(c.arch, c.cfg, zoo)
     points, results = judge_sets(judge, sets)
     rows = {p["key"]: {"accuracy": summary(results[p["key"]].acc),

@@ -14,7 +14,6 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 
@@ -197,27 +196,6 @@ def task_device() -> str:
     """"cuda" inside a Ray task or actor that was given a GPU, else "cpu"."""
     import torch
     return "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-
-
-def map_chunks(fn, sets: dict[str, tuple[tuple, tuple]], desc: str, chunk: int = 64, num_gpus: float = 0.0,
-               bar=None, **kwargs) -> dict[str, tuple]:
-    """Ray tasks ``fn(*shared, *rows, **kwargs)`` over chunks of several named sets; outputs concatenated per set.
-
-    ``sets[name] = (shared arguments, arrays with one row per model)``; only the latter are chunked.
-    ``num_gpus``: GPUs given to each task; ``bar``: a progress bar to advance by models done.
-    """
-    remote = ray.remote(fn).options(num_gpus=num_gpus)
-    jobs, refs, sizes = [], [], []
-    for name, (shared, rows) in sets.items():
-        for i in range(0, len(rows[0]), chunk):
-            jobs.append(name)
-            refs.append(remote.remote(*shared, *(r[i:i + chunk] for r in rows), **kwargs))
-            sizes.append(len(rows[0][i:i + chunk]))
-    results = wait_with_progress(refs, desc, bar, sizes)
-    out: dict[str, list] = {name: [] for name in sets}
-    for name, res in zip(jobs, results):
-        out[name].append(res)
-    return {name: tuple(np.concatenate(col) for col in zip(*parts)) for name, parts in out.items()}
 
 
 def cluster_cpus() -> int:

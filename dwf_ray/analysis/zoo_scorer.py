@@ -41,8 +41,8 @@ class ZooScorer:
         """Each baseline's accuracy % interpolated to functional ``novelty``; measured on first use."""
         if self._points is None:
             self._points = [{"method": b.method, "acc": acc, NOVELTY: nov} for b in
-                            baseline_sets(self.zoo, self.layout, self.ec, self.direct_unit)
-                            for acc, nov, _ in [self(b.build())]]
+                            baseline_sets(len(self.zoo), self.layout, self.ec, self.direct_unit)
+                            for acc, nov, _ in [self(b.build(self.zoo))]]
         methods = dict.fromkeys(p["method"] for p in self._points)
         return {m: baseline_at(self._points, m, novelty) for m in methods}
 

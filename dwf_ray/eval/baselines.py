@@ -67,23 +67,24 @@ class BaselineSet:
     key: str                       # unique name of the set (report and metrics.json)
     method: str                    # the baseline's curve
     setting: str                   # its strength, as shown
-    build: Callable[[], np.ndarray]   # the flat models, built when the set is scored (one set in memory)
+    build: Callable[[np.ndarray], np.ndarray]   # the zoo -> the flat models, built when the set is scored
 
 
-def baseline_sets(zoo: np.ndarray, layout: WeightLayout, ec: EvalConfig, zoo_median: float) -> Iterator[BaselineSet]:
-    """Every baseline at every configured strength, built lazily."""
+def baseline_sets(n_models: int, layout: WeightLayout, ec: EvalConfig, zoo_median: float) -> Iterator[BaselineSet]:
+    """Every baseline at every configured strength for a zoo of ``n_models``; each set is built from the zoo
+    only when it is scored (in a Ray task by the eval stage: the driver never holds a set)."""
     n, seed = ec.n_baseline, ec.seed
     for lvl in ec.noise_levels:
         yield BaselineSet(f"noise_{lvl:g}", "noise", f"{lvl:g} x NN dist",
-                          lambda lvl=lvl: noise_baseline(zoo, lvl, zoo_median, n, seed))
+                          lambda zoo, lvl=lvl: noise_baseline(zoo, lvl, zoo_median, n, seed))
     for sigma in ec.layer_noise_levels:
         yield BaselineSet(f"layer_noise_{sigma:g}", "layer noise", f"{sigma:g} x layer RMS",
-                          lambda sigma=sigma: layer_noise_baseline(zoo, layout, sigma, n, seed))
-    for k in sorted({min(k, len(zoo)) for k in ec.average_ks}):
-        yield BaselineSet(f"average_{k}", "average", f"k={k}", lambda k=k: average_baseline(zoo, k, n, seed))
+                          lambda zoo, sigma=sigma: layer_noise_baseline(zoo, layout, sigma, n, seed))
+    for k in sorted({min(k, n_models) for k in ec.average_ks}):
+        yield BaselineSet(f"average_{k}", "average", f"k={k}", lambda zoo, k=k: average_baseline(zoo, k, n, seed))
     for w in ec.mix_weights:
         yield BaselineSet(f"mix_{w:g}", "interpolation", f"w={w:g}",
-                          lambda w=w: interpolation_baseline(zoo, w, n, seed))
+                          lambda zoo, w=w: interpolation_baseline(zoo, w, n, seed))
     for scale in ec.gaussian_scales:
         yield BaselineSet(f"gaussian_{scale:g}", "gaussian", f"{scale:g} x zoo std",
-                          lambda scale=scale: gaussian_baseline(zoo, scale, n, seed))
+                          lambda zoo, scale=scale: gaussian_baseline(zoo, scale, n, seed))

@@ -1,7 +1,8 @@
 """Stage 6: score the zoo, every set of samples and every baseline, set by set; write the report.
 
-Sets are built one at a time (samples read from their manifests, baselines generated) and only per-model
-results are kept, so the driver holds the zoo and one set at most. Novelty is measured in function space
+The zoo is loaded and every set is built (samples read from their manifests, baselines generated) in Ray tasks,
+into the object store; the driver holds object refs and per-model results only, whatever the models' size.
+Novelty is measured in function space
 (``eval/metrics.py``); distances in weight space up to permutation stay as a diagnostic.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import ray
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, permutation_spec
-from dwf_ray.canon.job import load_canonical
 from dwf_ray.canon.matching import canonicalize
 from dwf_ray.config import RunConfig
 from dwf_ray.eval.baselines import baseline_sets
@@ -23,9 +23,9 @@ from dwf_ray.eval.diversity import candidates, disagreement_nearest, matched_nea
 from dwf_ray.eval.metrics import NOVELTY, SetResult, point
 from dwf_ray.eval.report import summary, write_report
 from dwf_ray.eval.scoring import score_flat
-from dwf_ray.runtime import cluster_cpus, map_chunks, wait_with_progress
+from dwf_ray.runtime import cluster_cpus, wait_with_progress
 from dwf_ray.sample import sample_sets
-from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore
+from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore, ok_rows
 from dwf_ray.weights import WeightLayout, load_flat_models
 
 GENERATOR = "generator"
@@ -36,8 +36,8 @@ class ScoredSet:
     key: str
     method: str
     setting: str
-    build: Callable[[], np.ndarray]   # flat models, built only when the set is scored
-    size: int                         # models in the set (for the progress bar)
+    build: Callable[[np.ndarray], np.ndarray]   # the canonical zoo -> the set's flat models (run in a Ray task)
+    size: int                                   # models in the set (for the progress bar)
 
 
 def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residual: bool = False) -> tuple[np.ndarray]:
@@ -48,6 +48,26 @@ def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residua
     ref_state = layout.unflatten(ref)
     return (np.stack([layout.flatten(canonicalize(spec, ref_state, layout.unflatten(v), residual=residual, device=dev)[0])
                       for v in flat]),)
+
+
+def _rows(flat: np.ndarray) -> int:
+    return len(flat)
+
+
+def _built(build: Callable[[np.ndarray], np.ndarray], zoo: np.ndarray) -> np.ndarray:
+    return build(zoo)
+
+
+def _built_nn_median(build: Callable[[np.ndarray], np.ndarray], zoo: np.ndarray) -> float:
+    return zoo_nn_median(build(zoo))
+
+
+def stored(flat) -> tuple[ray.ObjectRef, int]:
+    """Flat models in the object store, and how many: put there by the driver, or there already (an object ref
+    to what a task built)."""
+    if isinstance(flat, ray.ObjectRef):
+        return flat, ray.get(ray.remote(_rows).remote(flat))
+    return ray.put(flat), len(flat)
 
 
 def _score_rows(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, start: int, stop: int):
@@ -63,15 +83,16 @@ class ZooJudge:
     """Scores sets of flat models against one canonical zoo: accuracy, D and S in function space, and (when
     ``cfg.eval.weight_novelty``) the distance to the nearest zoo model up to permutation.
 
-    A set is put in the object store once and its tasks read row ranges of it; the driver keeps per-model
-    results only. ``judge_sets`` keeps a few sets in flight so that the cluster stays busy.
+    ``zoo`` and each set are flat models or object refs to them; a set is in the object store once and its
+    tasks read row ranges of it; the driver keeps per-model results only. ``judge_sets`` keeps a few sets in
+    flight so that the cluster stays busy.
     """
 
-    def __init__(self, arch: ArchSpec, cfg: RunConfig, zoo: np.ndarray, bar=None):
-        self.arch, self.cfg, self.zoo, self.bar = arch, cfg, zoo, bar
+    def __init__(self, arch: ArchSpec, cfg: RunConfig, zoo, bar=None):
+        self.arch, self.cfg, self.bar = arch, cfg, bar
         self.args = (arch.to_json(), cfg.zoo.model_dump_json(), cfg.eval.model_dump_json())
-        self.zoo_ref = ray.put(zoo)
-        acc, self.wrong, self.logits, self.preds = self._gather(self._submit_scores(self.zoo_ref, len(zoo)))
+        self.zoo_ref, self.n_zoo = stored(zoo)
+        acc, self.wrong, self.logits, self.preds = self._gather(self._submit_scores(self.zoo_ref, self.n_zoo))
         self.result = self._judge(self.zoo_ref, acc, self.wrong, self.logits, self.preds, exclude_self=True)
 
     def _ranges(self, n: int) -> list[tuple[int, int]]:
@@ -92,25 +113,24 @@ class ZooJudge:
         weight_dist = None
         if self.cfg.eval.weight_novelty:
             ec = self.cfg.eval
-            flat = ray.get(flat_ref)
-            cands = candidates(flat, self.zoo, logits, self.logits, ec.nn_candidates, exclude_self)
-            del flat
+            cands = ray.get(ray.remote(candidates).remote(flat_ref, self.zoo_ref, logits, self.logits,
+                                                          ec.nn_candidates, exclude_self))
             task = ray.remote(_match_rows).options(num_gpus=ec.num_gpus)
             weight_dist, _ = self._gather([(task.remote(self.arch.to_json(), self.zoo_ref, flat_ref, cands, a, b,
                                                         self.cfg.canon.residual), b - a)
                                            for a, b in self._ranges(len(acc))])
         return SetResult(acc, d, s, nearest, weight_dist)
 
-    def submit(self, flat: np.ndarray):
-        """Start scoring a set; the returned handle is finished by ``finish``."""
-        ref = ray.put(flat)
-        return ref, self._submit_scores(ref, len(flat))
+    def submit(self, flat):
+        """Start scoring a set (flat models or an object ref to them); ``finish`` completes the handle."""
+        ref, n = stored(flat)
+        return ref, self._submit_scores(ref, n)
 
     def finish(self, handle) -> SetResult:
         ref, jobs = handle
         return self._judge(ref, *self._gather(jobs))
 
-    def __call__(self, flat: np.ndarray) -> SetResult:
+    def __call__(self, flat) -> SetResult:
         return self.finish(self.submit(flat))
 
 
@@ -143,15 +163,15 @@ def accepted(p: dict, min_novelty: float) -> bool:
 
 
 def judge_sets(judge: ZooJudge, sets: Iterable[ScoredSet], in_flight: int = 3) -> tuple[list[dict], dict[str, SetResult]]:
-    """Trade-off points and per-model results of every set. Sets are built one at a time and at most
-    ``in_flight`` of them wait in the object store while the cluster scores them."""
+    """Trade-off points and per-model results of every set. Each set is built from the zoo in a Ray task, and
+    at most ``in_flight`` of them wait in the object store while the cluster scores them."""
     sets, pending, results = list(sets), deque(), {}
 
     def finish_oldest():
         s, handle = pending.popleft()
         results[s.key] = judge.finish(handle)
     for s in sets:
-        pending.append((s, judge.submit(s.build())))
+        pending.append((s, judge.submit(ray.remote(_built).remote(s.build, judge.zoo_ref))))
         if len(pending) >= in_flight:
             finish_oldest()
     while pending:
@@ -161,29 +181,31 @@ def judge_sets(judge: ZooJudge, sets: Iterable[ScoredSet], in_flight: int = 3) -
     return points, results
 
 
-def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: list[ScoredSet],
+def evaluate(cfg: RunConfig, arch: ArchSpec, zoo, generated: list[ScoredSet],
              extra: list[ScoredSet] = ()) -> tuple[dict, dict]:
-    """Returns (metrics, accuracies per set). ``generated``: the sample sets, the configured temperature first;
-    ``extra``: further generator sets (the no-canon variant). All flat weights are in canonical space."""
+    """Returns (metrics, accuracies per set). ``zoo``: the canonical zoo's flat models or an object ref to them;
+    ``generated``: the sample sets, the configured temperature first; ``extra``: further generator sets (the
+    no-canon variant). All flat weights are in canonical space."""
     from tqdm.auto import tqdm
     ec = cfg.eval
     layout = WeightLayout.from_arch(arch)
-    zoo_median = zoo_nn_median(zoo)      # direct distance: the noise baseline's scale
+    zoo, n_zoo = stored(zoo)
+    zoo_median = ray.get(ray.remote(zoo_nn_median).remote(zoo))   # direct distance: the noise baseline's scale
     baselines = [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
-                 for b in baseline_sets(zoo, layout, ec, zoo_median)]
+                 for b in baseline_sets(n_zoo, layout, ec, zoo_median)]
     sets = [*generated, *baselines, *extra]
     passes = 2 if ec.weight_novelty else 1
-    with tqdm(total=passes * (len(zoo) + sum(s.size for s in sets)), desc="eval", unit="model") as bar:
+    with tqdm(total=passes * (n_zoo + sum(s.size for s in sets)), desc="eval", unit="model") as bar:
         judge = ZooJudge(arch, cfg, zoo, bar)
         points, results = judge_sets(judge, sets)
     main = generated[0].key
     op = next(p for p in points if p["key"] == main)
     zoo_r = judge.result
     accuracy = {"zoo": summary(zoo_r.acc)} | {s.key: summary(results[s.key].acc) for s in [*generated, *extra]}
-    gen_flat = generated[0].build()
+    gen_nn_median = ray.get(ray.remote(_built_nn_median).remote(generated[0].build, zoo))
     metrics = {
         "preset": cfg.preset,
-        "model": {"family": arch.family, "args": arch.args, "n_params": int(zoo.shape[1]), "dataset": cfg.zoo.dataset},
+        "model": {"family": arch.family, "args": arch.args, "n_params": layout.size, "dataset": cfg.zoo.dataset},
         "accuracy": accuracy,
         "zoo": point("zoo", "zoo", "", zoo_r, zoo_r),
         "tradeoff": points,
@@ -193,7 +215,7 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: list[Sc
                       "zoo_nn_median_direct": zoo_median,
                       "zoo_nn_median_matched": None if zoo_r.weight_dist is None else float(np.median(zoo_r.weight_dist)),
                       # spread of the generated set itself (its own median NN distance over the zoo's, direct)
-                      "generated_self_nn_ratio": zoo_nn_median(gen_flat) / zoo_median},
+                      "generated_self_nn_ratio": gen_nn_median / zoo_median},
         "operating_point": {**{k: op.get(k) for k in ("setting", "acc", "se", NOVELTY, "similarity", "weight_novelty",
                                                        "baselines_at", "best_baseline", "margin", "margin_se")},
                             "temperature": cfg.sample.temperature, "min_novelty": ec.accept_novelty,
@@ -205,30 +227,30 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo: np.ndarray, generated: list[Sc
     return metrics, {"zoo": zoo_r.acc, "generated": results[main].acc}
 
 
-def _from_manifest(uri: str, arch: ArchSpec) -> Callable[[], np.ndarray]:
-    return lambda: load_flat_models(store.read_table(uri)["uri"], arch)
+def _from_manifest(uri: str, arch: ArchSpec) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda zoo: load_flat_models(store.read_table(uri)["uri"], arch)
 
 
 def run_eval(cfg: RunConfig, st: RunStore) -> dict:
     """The eval stage: score the zoo, every set of samples, the baselines (and the no-canon variant's samples
     when that sub-run exists); writes report/."""
     arch = ArchSpec.parse(cfg.zoo.arch)
-    ok, zoo_flat = load_canonical(cfg, st)
+    ok = ok_rows(st.manifest("canon"))
+    zoo = ray.remote(load_flat_models).remote(ok["canon_uri"], arch)    # loaded into the object store by a task
     generated = [ScoredSet("generated" if not folder else f"gen_{folder}", GENERATOR, f"T={temp:g}",
                            _from_manifest(st.uri("samples", folder, "manifest.parquet"), arch), cfg.sample.n)
                  for folder, (temp, _) in sample_sets(cfg).items()]
     sub = RunStore(st.uri(NO_CANON), zoo_root=st.zoo_root)
     extra = []
     if cfg.eval.compare_no_canon and cfg.canon.enabled and sub.done(STAGE_FOLDERS["sample"]):
-        reference = zoo_flat[list(ok["model_id"]).index(ok["reference_id"].iloc[0])]
+        reference = list(ok["model_id"]).index(ok["reference_id"].iloc[0])
         raw = _from_manifest(sub.stage_uri("sample", "manifest.parquet"), arch)
 
-        def aligned() -> np.ndarray:   # aligned onto the reference, so that weight distances compare
-            return map_chunks(canonicalize_flat, {"s": ((arch.to_json(), reference), (raw(),))}, "eval: aligning",
-                              num_gpus=cfg.eval.num_gpus, residual=cfg.canon.residual)["s"][0]
+        def aligned(zoo: np.ndarray) -> np.ndarray:   # aligned onto the reference, so that weight distances compare
+            return canonicalize_flat(arch.to_json(), zoo[reference], raw(zoo), cfg.canon.residual)[0]
         extra.append(ScoredSet("no_canon", f"{GENERATOR} (no canon)", f"T={cfg.sample.temperature:g}", aligned,
                                cfg.sample.n))
-    metrics, accs = evaluate(cfg, arch, zoo_flat, generated, extra)
+    metrics, accs = evaluate(cfg, arch, zoo, generated, extra)
     metrics["root"] = st.root
     metrics["timings"] = st.stage_seconds()
     if extra:
