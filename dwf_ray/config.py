@@ -81,7 +81,7 @@ class FlowConfig(_Cfg):
     batch_size: int = 64             # global batch, split across the DDP workers
     warmup_steps: int = 200
     scaling: Literal["whiten", "global", "none"] = "whiten"   # latent standardisation
-    source_std: float = 1.0          # 0.3 (hidden 256): nearer the zoo, ties the baselines (docs/tuning-digits-mlp.md)
+    source_std: float = 1.0          # the paper's; smaller keeps samples nearer the zoo (digits-mlp: 0.1)
     sigma: float = 0.001
     ema_decay: float = 0.999
     source: Literal["gaussian", "uniform"] = "gaussian"   # source noise, unit variance per dimension

@@ -15,14 +15,15 @@ import pytest
 
 from tests.cluster_helpers import BIN, AutoscalingHead, NodePoller, clean_env
 
-N_MODELS = 400          # enough canonicalization work that Ray Data grows the actor pool to both workers
+N_MODELS = 400          # enough canonicalization work (about 30 s on one actor) that Ray Data grows the pool to both workers
 MAX_WORKERS = 2
 IDLE_TIMEOUT_S = 6.0
-ARCH = '{"family": "mlp", "args": {"in_dim": 64, "hidden": [32, 32], "out_dim": 10}}'
+WIDTH = 256             # weight matching takes about 0.03-0.1 s of a CPU a model at this width
+ARCH = '{"family": "mlp", "args": {"in_dim": 64, "hidden": [%d, %d], "out_dim": 10}}' % (WIDTH, WIDTH)
 
 
 def write_state_dicts(folder: Path, n: int) -> None:
-    """``n`` untrained 64-32-32-10 MLPs saved as plain PyTorch state_dicts (keys net.0.weight, ...), as a user
+    """``n`` untrained 64-WIDTH-WIDTH-10 MLPs saved as plain PyTorch state_dicts (keys net.0.weight, ...), as a user
     would bring them from elsewhere."""
     import torch
     from torch import nn
@@ -30,7 +31,8 @@ def write_state_dicts(folder: Path, n: int) -> None:
     class MLP(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+            self.net = nn.Sequential(nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
+                                     nn.Linear(WIDTH, 10))
 
     folder.mkdir()
     torch.manual_seed(0)
