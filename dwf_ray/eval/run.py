@@ -2,8 +2,8 @@
 
 The zoo is loaded and every set is built (samples read from their manifests, baselines generated) in Ray tasks,
 into the object store; the driver holds object refs and per-model results only, whatever the models' size.
-Novelty is measured in function space
-(``eval/metrics.py``); distances in weight space up to permutation stay as a diagnostic.
+Novelty is measured in function space (``eval/metrics.py``); distances in weight space up to permutation stay
+as a diagnostic.
 """
 from __future__ import annotations
 
