@@ -111,7 +111,7 @@ class Canonicalizer:
                     rows.append(row | _NO_RESULT | {"status": "error", "error": row_error(row["uri"], exc)})
             if one_by_one:
                 self.ledger.finish.remote([row["model_id"]])
-        if self.ledger is not None:
+        if self.ledger is not None and not one_by_one:
             self.ledger.finish.remote(keys)
         return pd.DataFrame(rows, columns=list(batch.columns) + _RESULT_COLUMNS)
 
