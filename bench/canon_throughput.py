@@ -4,7 +4,7 @@ The zoo: one trained digits MLP (64-32-32-10) as the reference (model m00000), a
 small Gaussian noise added and then randomly permuted. The canonical form of copy i is therefore known exactly
 (the reference plus copy i's noise, unpermuted): a copy counts as undone when the job's output equals it.
 
-    python bench/canon_throughput.py [--n 2000] [--root DIR_OR_S3_PREFIX] [--actor-cpus 1]
+    python bench/canon_throughput.py [--n 2000] [--hidden 32,32] [--batch-size 16] [--root DIR_OR_S3_PREFIX]
 
 Times: wall-clock seconds of the whole job (actor start-up included), and seconds from the first output written
 to the last (the running pool, without start-up). Scaling efficiency = t1 / (2 t2), for both.
@@ -42,8 +42,9 @@ def noisy_copy(ref: dict[str, np.ndarray], i: int, noise: float) -> dict[str, np
     return {k: (v + noise * v.std() * rng.standard_normal(v.shape)).astype(np.float32) for k, v in ref.items()}
 
 
-def make_zoo(folder: str, n: int, noise: float, epochs: int) -> tuple[pd.DataFrame, dict, ArchSpec]:
+def make_zoo(folder: str, n: int, noise: float, epochs: int, hidden: list[int]) -> tuple[pd.DataFrame, dict, ArchSpec]:
     cfg = ZooConfig(epochs=epochs)
+    cfg.arch["args"]["hidden"] = hidden
     arch = ArchSpec.parse(cfg.arch)
     torch.manual_seed(0)
     model = train_classifier(build_model(arch), cfg, seed=0)
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--noise", type=float, default=0.01, help="noise std relative to each tensor's std")
     ap.add_argument("--epochs", type=int, default=20, help="training epochs of the reference")
+    ap.add_argument("--hidden", default="32,32", help="hidden widths of the digits MLP (the cost of one match)")
     ap.add_argument("--actor-cpus", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--root", default=None, help="folder or s3:// prefix for the zoo and outputs (default: temp)")
@@ -97,7 +99,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or tmp
         t0 = time.perf_counter()
-        man, ref, arch = make_zoo(store.join(root, "zoo"), args.n, args.noise, args.epochs)
+        man, ref, arch = make_zoo(store.join(root, "zoo"), args.n, args.noise, args.epochs,
+                                [int(h) for h in args.hidden.split(",")])
         print(f"zoo of {args.n} checkpoints written in {time.perf_counter() - t0:.1f} s")
         runs = []
         for actors in (1, 2):
