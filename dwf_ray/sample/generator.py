@@ -3,6 +3,7 @@ flat weights on demand. The sample stage, evaluation, conditional runs, the benc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -52,17 +53,24 @@ class Decoder:
         return self.pca.decode(z)
 
 
+def write_models(states: Iterable[dict[str, np.ndarray]], arch: ArchSpec, out_dir: str, prefix: str = "g",
+                 extra: dict[str, str] | None = None) -> pd.DataFrame:
+    """Each state dict as a safetensors checkpoint ``<prefix><i>.safetensors`` under ``out_dir`` (``extra`` in
+    every file's metadata); returns their manifest."""
+    rows = []
+    for i, state in enumerate(states):
+        model_id = f"{prefix}{i:05d}"
+        uri = store.join(out_dir, f"{model_id}.safetensors")
+        sha = save_checkpoint(uri, state, arch, extra)
+        rows.append({"model_id": model_id, "uri": uri, "arch": arch.to_json(), "sha256": sha,
+                     "n_params": int(sum(v.size for v in state.values())), "status": "ok", "error": ""})
+    return pd.DataFrame(rows)
+
+
 def write_samples(flat: np.ndarray, arch: ArchSpec, out_dir: str, prefix: str = "g") -> pd.DataFrame:
     """Each flat vector as a safetensors checkpoint under ``out_dir``; returns their manifest."""
     layout = WeightLayout.from_arch(arch)
-    rows = []
-    for i, vec in enumerate(flat):
-        model_id = f"{prefix}{i:05d}"
-        uri = store.join(out_dir, f"{model_id}.safetensors")
-        sha = save_checkpoint(uri, layout.unflatten(vec), arch)
-        rows.append({"model_id": model_id, "uri": uri, "arch": arch.to_json(), "sha256": sha,
-                     "n_params": layout.size, "status": "ok", "error": ""})
-    return pd.DataFrame(rows)
+    return write_models((layout.unflatten(v) for v in flat), arch, out_dir, prefix)
 
 
 class Generator:

@@ -144,22 +144,14 @@ def write_from_endpoint(endpoint: str, out_dir: str, n: int, seed: Optional[int]
                         temperature: Optional[float] = None, token: Optional[str] = None):
     """``dwf sample --endpoint URL --out DIR``: n models from a running service, written as safetensors
     checkpoints under ``out_dir`` (local or s3://) with manifest.parquet; returns the manifest DataFrame."""
-    import pandas as pd
     from dwf_ray import store
     from dwf_ray.archs import ArchSpec
-    from dwf_ray.weights import save_checkpoint
+    from dwf_ray.sample.generator import write_models
     with SampleClient(endpoint, token=token) as client:
         states, meta = client.sample_with_metadata(n, seed, temperature=temperature)
-    arch = ArchSpec.from_json(meta["arch"])
-    rows = []
-    for i, state in enumerate(states):
-        model_id = f"g{i:05d}"
-        uri = store.join(out_dir, f"{model_id}.safetensors")
-        extra = {"seed": meta.get("seed", ""), "temperature": meta.get("temperature", ""), "index": str(i)}
-        sha = save_checkpoint(uri, state, arch, extra)
-        rows.append({"model_id": model_id, "uri": uri, "arch": arch.to_json(), "sha256": sha,
-                     "n_params": int(sum(v.size for v in state.values())), "seed": int(meta["seed"]),
-                     "temperature": float(meta["temperature"]), "endpoint": endpoint, "status": "ok", "error": ""})
-    manifest = pd.DataFrame(rows)
+    seed, temperature = int(meta["seed"]), float(meta["temperature"])
+    manifest = write_models(states, ArchSpec.from_json(meta["arch"]), out_dir,
+                            extra={"seed": str(seed), "temperature": str(temperature), "endpoint": endpoint})
+    manifest = manifest.assign(seed=seed, temperature=temperature, endpoint=endpoint)
     store.write_table(store.join(out_dir, "manifest.parquet"), manifest)
     return manifest
