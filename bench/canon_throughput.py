@@ -7,12 +7,15 @@ small Gaussian noise added and then randomly permuted. The canonical form of cop
     python bench/canon_throughput.py [--n 2000] [--hidden 32,32] [--batch-size 16] [--root DIR_OR_S3_PREFIX]
 
 Times: wall-clock seconds of the whole job (actor start-up included), and seconds from the first output written
-to the last (the running pool, without start-up). Scaling efficiency = t1 / (2 t2), for both.
+to the last (the running pool, without start-up). Scaling efficiency = t1 / (2 t2), for both. Also measured: what
+a new actor process and its imports cost, and the whole-job efficiency that a perfectly scaling running part
+would give with the start-up this run had (the ceiling that start-up sets).
 Writes bench/results/canon_throughput.json and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import tempfile
 import time
@@ -82,6 +85,34 @@ def write_span(uris: list[str]) -> float:
     return max(times) - min(times)
 
 
+@ray.remote(num_cpus=1)
+class _Probe:
+    """A bare actor: how long a new actor process takes to answer, and to import a canonicalization actor's
+    modules."""
+
+    def ready(self) -> bool:
+        return True
+
+    def import_stage(self) -> float:
+        t0 = time.perf_counter()
+        for module in ("ray.data", "dwf_ray.canon.job"):     # torch comes with the stage
+            importlib.import_module(module)
+        return time.perf_counter() - t0
+
+
+def actor_start_parts(repeats: int = 3) -> dict:
+    """Median seconds of (a new actor process answering, that process importing Ray Data and the stage)."""
+    new, imports = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        probe = _Probe.remote()
+        ray.get(probe.ready.remote())
+        new.append(time.perf_counter() - t0)
+        imports.append(ray.get(probe.import_stage.remote()))
+        ray.kill(probe)
+    return {"new_actor_s": round(float(np.median(new)), 2), "import_s": round(float(np.median(imports)), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000)
@@ -117,11 +148,16 @@ def main() -> None:
                          "ok": ok, "undone": n_undone, "max_deviation": worst})
             print(f"{actors} actor(s): {seconds:.1f} s ({span:.1f} s from first to last output), {ok} ok, "
                   f"{n_undone} undone")
+        parts = actor_start_parts()
     efficiency = runs[0]["seconds"] / (2 * runs[1]["seconds"])
     running_efficiency = runs[0]["write_span_s"] / (2 * runs[1]["write_span_s"])
+    # the whole job's efficiency had the 2-actor run's running part been exactly half the 1-actor run's
+    start_up_2 = runs[1]["seconds"] - runs[1]["write_span_s"]
+    perfect = runs[0]["seconds"] / (2 * (start_up_2 + runs[0]["write_span_s"] / 2))
     result = {"n": args.n, "noise": args.noise, "actor_cpus": args.actor_cpus, "batch_size": args.batch_size,
               "arch": arch.to_json(), "runs": runs, "scaling_efficiency": round(efficiency, 3),
-              "scaling_efficiency_running": round(running_efficiency, 3)}
+              "scaling_efficiency_running": round(running_efficiency, 3),
+              "scaling_efficiency_if_running_part_perfect": round(perfect, 3), "actor_start": parts}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print("\n| actors | job s | models/s | first-to-last output s | models/s running | ok | undone | max dev |")
@@ -132,6 +168,10 @@ def main() -> None:
               f"{r['max_deviation']:.1e} |")
     print(f"\nscaling efficiency t1 / (2 t2): whole job {efficiency:.2f}, without actor start-up "
           f"{running_efficiency:.2f}   (written to {RESULTS})")
+    print(f"start-up before the first output: {runs[0]['seconds'] - runs[0]['write_span_s']:.1f} s (1 actor), "
+          f"{start_up_2:.1f} s (2 actors), of which a new actor process {parts['new_actor_s']:.2f} s and its "
+          f"imports (Ray Data, torch, the stage) {parts['import_s']:.2f} s; with that start-up, perfect scaling of "
+          f"the running part would give {perfect:.2f} over the whole job")
     if any(r["undone"] != args.n for r in runs):
         raise SystemExit("some permutations were not undone")
 
