@@ -1,8 +1,9 @@
 """Throughput of the canonicalization job (Ray Data + actor pool) with 1 and 2 actors, and its correctness.
 
-The zoo: one trained digits MLP (64-32-32-10) as the reference (model m00000), and N-1 copies of it, each with
-small Gaussian noise added and then randomly permuted. The canonical form of copy i is therefore known exactly
-(the reference plus copy i's noise, unpermuted): a copy counts as undone when the job's output equals it.
+The zoo: one trained digits MLP (64-32-32-10, other widths with --hidden) as the reference (model m00000), and
+N-1 copies of it, each with small Gaussian noise added and then randomly permuted. The canonical form of copy i
+is therefore known exactly (the reference plus copy i's noise, unpermuted): a copy counts as undone when the
+job's output equals it.
 
     python bench/canon_throughput.py [--n 2000] [--hidden 32,32] [--batch-size 16] [--root DIR_OR_S3_PREFIX]
 
