@@ -51,7 +51,8 @@ class CanonConfig(_Cfg):
     actor_cpus: float = 0.5
     actor_gpus: float = 0.0
     batch_size: int = 8
-    max_retries: int = 2             # a checkpoint whose worker dies in its batch is tried alone 1 + this many times, then an error row
+    # a checkpoint whose worker dies in its batch is then tried alone 1 + this many times, then an error row
+    max_retries: int = 2
 
 
 class PCAConfig(_Cfg):

@@ -15,7 +15,7 @@ import pytest
 
 from tests.cluster_helpers import BIN, AutoscalingHead, NodePoller, clean_env
 
-N_MODELS = 400          # enough canonicalization work (about 30 s on one actor) that Ray Data grows the pool to both workers
+N_MODELS = 400          # enough matching (about 30 s on one actor) that Ray Data grows the pool to both workers
 MAX_WORKERS = 2
 IDLE_TIMEOUT_S = 6.0
 WIDTH = 256             # weight matching takes about 0.03-0.1 s of a CPU a model at this width

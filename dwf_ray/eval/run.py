@@ -243,11 +243,11 @@ def run_eval(cfg: RunConfig, st: RunStore) -> dict:
     sub = RunStore(st.uri(NO_CANON), zoo_root=st.zoo_root)
     extra = []
     if cfg.eval.compare_no_canon and cfg.canon.enabled and sub.done(STAGE_FOLDERS["sample"]):
-        reference = list(ok["model_id"]).index(ok["reference_id"].iloc[0])
+        ref_index = list(ok["model_id"]).index(ok["reference_id"].iloc[0])
         raw = _from_manifest(sub.stage_uri("sample", "manifest.parquet"), arch)
 
         def aligned(zoo: np.ndarray) -> np.ndarray:   # aligned onto the reference, so that weight distances compare
-            return canonicalize_flat(arch.to_json(), zoo[reference], raw(zoo), cfg.canon.residual)[0]
+            return canonicalize_flat(arch.to_json(), zoo[ref_index], raw(zoo), cfg.canon.residual)[0]
         extra.append(ScoredSet("no_canon", f"{GENERATOR} (no canon)", f"T={cfg.sample.temperature:g}", aligned,
                                cfg.sample.n))
     metrics, accs = evaluate(cfg, arch, zoo, generated, extra)
