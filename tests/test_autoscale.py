@@ -15,10 +15,14 @@ import pytest
 
 from tests.cluster_helpers import BIN, AutoscalingHead, NodePoller, clean_env
 
-N_MODELS = 400          # enough matching (about 30 s on one actor) that Ray Data grows the pool to both workers
+# Ray Data grows the pool onto a second node in steps: its autoscaling coordinator looks at the cluster's nodes
+# every 20 s, and the stage asks the autoscaler for more at most every 10 s, only once the CPUs it was given were at
+# least half busy over the last 10 s; the second node can come 45 s into the stage. 1600 checkpoints (about 60 s
+# of matching on one actor) outlast that.
+N_MODELS = 1600
 MAX_WORKERS = 2
 IDLE_TIMEOUT_S = 6.0
-WIDTH = 256             # weight matching takes about 0.03-0.1 s of a CPU a model at this width
+WIDTH = 256             # about 0.03 s of weight matching a model at this width, 0.04 s with its reading and writing
 ARCH = '{"family": "mlp", "args": {"in_dim": 64, "hidden": [%d, %d], "out_dim": 10}}' % (WIDTH, WIDTH)
 
 
