@@ -317,7 +317,7 @@ def test_eval_aligns_unaligned_transformers_with_transfusion():
     moved = apply_permutation(spec, random_permutation(spec, ref, seed=1), ref)
     ref_flat, moved_flat = layout.flatten(ref), layout.flatten(moved)
     assert np.linalg.norm(moved_flat - ref_flat) > 1.0
-    (aligned,) = canonicalize_flat(arch.to_json(), ref_flat, moved_flat[None])
+    aligned = canonicalize_flat(arch.to_json(), ref_flat, moved_flat[None])
     assert np.allclose(aligned[0], ref_flat, atol=1e-6)
     other = layout.flatten({k: v.detach().numpy() for k, v in build_model(arch).named_parameters()})
     dist, idx = matched_nearest(arch.to_json(), np.stack([other, ref_flat]), moved_flat[None], np.array([[0, 1]]))

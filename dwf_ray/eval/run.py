@@ -38,16 +38,17 @@ class ScoredSet:
     setting: str
     build: Callable[[np.ndarray], np.ndarray]   # the canonical zoo -> the set's flat models (run in a Ray task)
     size: int                                   # models in the set (for the progress bar)
+    build_gpus: float = 0.0                     # GPUs for the task that builds it (weight matching on a GPU)
 
 
-def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residual: bool = False) -> tuple[np.ndarray]:
-    """Weight-match (TransFusion for attention) each flat model onto the reference: (canonical flat models,)."""
+def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residual: bool = False) -> np.ndarray:
+    """Weight-match (TransFusion for attention) each flat model onto the reference: the canonical flat models."""
     from dwf_ray.runtime import task_device
     arch = ArchSpec.from_json(arch_json)
     layout, spec, dev = WeightLayout.from_arch(arch), permutation_spec(arch), task_device()
     ref_state = layout.unflatten(ref)
-    return (np.stack([layout.flatten(canonicalize(spec, ref_state, layout.unflatten(v), residual=residual, device=dev)[0])
-                      for v in flat]),)
+    return np.stack([layout.flatten(canonicalize(spec, ref_state, layout.unflatten(v), residual=residual, device=dev)[0])
+                     for v in flat])
 
 
 def _rows(flat: np.ndarray) -> int:
@@ -171,7 +172,8 @@ def judge_sets(judge: ZooJudge, sets: Iterable[ScoredSet], in_flight: int = 3) -
         s, handle = pending.popleft()
         results[s.key] = judge.finish(handle)
     for s in sets:
-        pending.append((s, judge.submit(ray.remote(_built).remote(s.build, judge.zoo_ref))))
+        built = ray.remote(_built).options(num_gpus=s.build_gpus).remote(s.build, judge.zoo_ref)
+        pending.append((s, judge.submit(built)))
         if len(pending) >= in_flight:
             finish_oldest()
     while pending:
@@ -247,9 +249,9 @@ def run_eval(cfg: RunConfig, st: RunStore) -> dict:
         raw = _from_manifest(sub.stage_uri("sample", "manifest.parquet"), arch)
 
         def aligned(zoo: np.ndarray) -> np.ndarray:   # aligned onto the reference, so that weight distances compare
-            return canonicalize_flat(arch.to_json(), zoo[ref_index], raw(zoo), cfg.canon.residual)[0]
+            return canonicalize_flat(arch.to_json(), zoo[ref_index], raw(zoo), cfg.canon.residual)
         extra.append(ScoredSet("no_canon", f"{GENERATOR} (no canon)", f"T={cfg.sample.temperature:g}", aligned,
-                               cfg.sample.n))
+                               cfg.sample.n, build_gpus=cfg.eval.num_gpus))
     metrics, accs = evaluate(cfg, arch, zoo, generated, extra)
     metrics["root"] = st.root
     metrics["timings"] = st.stage_seconds()
