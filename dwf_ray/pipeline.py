@@ -62,6 +62,8 @@ class Pipeline:
         elif saved is not None and saved != cfg:
             raise ValueError(f"{self.store.root} was made with a different config; use another --name/--root, "
                              f"or --restart-from STAGE to redo that stage and the ones after it")
+        from dwf_ray.zoo import check_zoo_config
+        check_zoo_config(cfg.zoo)
         self.cfg = cfg
         if saved != cfg:   # a finished root is opened without touching its files
             store.write_json(cfg_uri, cfg.model_dump())

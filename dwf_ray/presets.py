@@ -2,6 +2,8 @@
 RunConfig (which is ``digits-mlp``). ``dwf presets`` lists them; ``--preset FILE.json`` reads one from a file.
 
 - ``digits-mlp``, ``iris-mlp``: the end-to-end MLPs; ``digits-mlp-paper`` with the paper's flow and sampler;
+- ``mnist1d-mlp``, ``mnist1d-cnn``: MNIST-1D's own MLP and CNN; ``mnist1d-mlp-scale``: a smaller MLP for zoos of
+  thousands;
 - ``digits-cnn``, ``digits-resnet``, ``digits-vit``, ``text-bert``: one per architecture family on bundled data,
   sized to run end to end on a 2-core machine (fewer models and samples than the paper's 100; see
   docs/results-families.md);
@@ -36,6 +38,14 @@ _NEAR_ZOO = {"flow.hidden": 256, "flow.source_std": 0.3}
 _FULL = {"canon.max_actors": 16, "canon.actor_cpus": 1.0, "pca.n_shards": 16, **_section("flow", PAPER_FLOW),
          "eval.num_gpus": 0.25}
 
+# MNIST-1D (dataset ``mnist1d``, built offline): the package's own MLP (40-100-100-10) and CNN (``ConvBase`` as
+# ``cnn1d``) trained as its authors train them (Adam at 1e-2, batches of 100, no weight decay), each zoo in lockstep
+# chunks; ``mnist1d-mlp-scale`` is the 40-32-32-10 MLP for zoos of thousands (docs/results-scaling.md).
+_MNIST1D = {"zoo.dataset": "mnist1d", "zoo.batch_size": 100, "zoo.lr": 1e-2, "zoo.weight_decay": 0.0}
+_MNIST1D_MLP = {"family": "mlp", "args": {"in_dim": 40, "hidden": [100, 100], "out_dim": 10}}
+_MNIST1D_CNN = {"family": "cnn1d", "args": {"in_length": 40, "channels": [25, 25, 25], "kernels": [5, 3, 3],
+                                            "strides": [2, 2, 2], "padding": 1, "n_classes": 10}}
+
 _TEXT_SYNTH_BERT = {"vocab_size": SYNTH_VOCAB_SIZE, "max_position_embeddings": 20, "num_labels": 2,
                     "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
@@ -46,6 +56,10 @@ PRESETS: dict[str, dict] = {
     "digits-mlp-paper": {**_section("flow", PAPER_FLOW), **_section("sample", PAPER_SAMPLER)},
     "iris-mlp": {"zoo.dataset": "iris", "zoo.epochs": 150, "zoo.batch_size": 16,
                  "zoo.arch": {"family": "mlp", "args": {"in_dim": 4, "hidden": [16, 16], "out_dim": 3}}},
+    "mnist1d-mlp": {**_MNIST1D, "zoo.epochs": 60, "zoo.arch": _MNIST1D_MLP},
+    "mnist1d-cnn": {**_MNIST1D, "zoo.epochs": 100, "zoo.arch": _MNIST1D_CNN},
+    "mnist1d-mlp-scale": {**_MNIST1D, "zoo.epochs": 30, "zoo.n_models": 1000, "zoo.arch": {
+        "family": "mlp", "args": {"in_dim": 40, "hidden": [32, 32], "out_dim": 10}}},
     # two conv-BN-ReLU-pool blocks on the 1x8x8 digits
     "digits-cnn": {**_FAMILY, "zoo.image": True, "zoo.n_models": 64, "zoo.epochs": 30, "zoo.arch": {
         "family": "cnn", "args": {"in_channels": 1, "image_size": 8, "channels": [16, 32], "n_classes": 10}}},

@@ -91,6 +91,8 @@ def family_examples() -> dict:
         "cnn": ArchSpec("cnn", {"in_channels": 1, "image_size": 8, "channels": [16, 32], "n_classes": 10}),
         "cnn-nopool": ArchSpec("cnn", {"in_channels": 3, "image_size": 8, "channels": [8, 12, 16], "n_classes": 5,
                                        "pool": False}),
+        "cnn1d": ArchSpec("cnn1d", {"in_length": 40, "channels": [6, 5, 4], "kernels": [5, 3, 3], "strides": [2, 2, 2],
+                                    "n_classes": 10}),
         "resnet18-cifar": ArchSpec("resnet18", {"num_classes": 10, "cifar_stem": True, "width": 8}),
         "resnet18-imagenet-stem": ArchSpec("resnet18", {"num_classes": 10, "in_channels": 1, "width": 8}),
         "resnet20": ArchSpec("resnet20", {"num_classes": 10, "width": 8}),
@@ -128,6 +130,8 @@ def example_inputs(arch, n: int = 16, seed: int = 123):
     g = torch.Generator().manual_seed(seed)
     if arch.family == "mlp":
         return torch.randn(n, arch.args["in_dim"], generator=g)
+    if arch.family == "cnn1d":
+        return torch.randn(n, arch.args["in_length"], generator=g)
     if arch.family == "bert":
         ids = torch.randint(1, arch.args["vocab_size"], (n, 12), generator=g)
         for row, length in enumerate(torch.randint(3, 13, (n,), generator=g).tolist()):

@@ -1,5 +1,5 @@
 """A worker-process setup hook for tests: a checkpoint whose name contains "poison" kills the Ray worker that
-loads it, and training the zoo model of seed 13 kills its worker, every time (as a checkpoint too large for the
+loads it, and training the zoo model of seed 13 (alone or in a lockstep chunk) kills its worker, every time (as a checkpoint too large for the
 worker's memory would). Only the test's own Ray,
 started with ``runtime_env={"worker_process_setup_hook": "tests.poison.install"}``, runs it."""
 import os
@@ -23,3 +23,11 @@ def install() -> None:
             os._exit(17)
         return train(model, cfg, seed)
     zoo.train_classifier = train_or_die
+
+    lockstep = zoo.train_lockstep
+
+    def lockstep_or_die(arch, cfg, seeds, data, init=None):
+        if 13 in seeds:
+            os._exit(17)
+        return lockstep(arch, cfg, seeds, data, init)
+    zoo.train_lockstep = lockstep_or_die

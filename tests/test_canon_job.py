@@ -195,15 +195,17 @@ out = canonicalize_manifest(man, CanonConfig(min_actors=1, max_actors=2, batch_s
 from dwf_ray.config import ZooConfig
 from dwf_ray.zoo import train_zoo
 zoo = train_zoo(ZooConfig(n_models=3, seed0=12, epochs=1, max_retries=1), sys.argv[4])
+chunks = train_zoo(ZooConfig(n_models=5, seed0=12, epochs=1, max_retries=1, models_per_task=2), sys.argv[4] + "-chunks")
+cols = ["model_id", "seed", "status", "error"]
 print("RESULT" + json.dumps({"canon": out[["model_id", "status", "error"]].to_dict("records"),
-                             "zoo": zoo[["model_id", "seed", "status", "error"]].to_dict("records")}))
+                             "zoo": zoo[cols].to_dict("records"), "chunks": chunks[cols].to_dict("records")}))
 """
 
 
 def test_a_checkpoint_that_kills_its_worker_every_time_becomes_an_error_row(tmp_path):
     """Bounded retries: canonicalization and zoo training give up on the model whose worker dies every time,
     keep it as an error row naming the file, and finish every other row (in a Ray of their own, whose workers
-    die on "poison" files and on the zoo model of seed 13)."""
+    die on "poison" files and on the zoo model of seed 13, trained alone or in a chunk)."""
     import json
     import subprocess
     import sys
@@ -222,3 +224,7 @@ def test_a_checkpoint_that_kills_its_worker_every_time_becomes_an_error_row(tmp_
     zoo = {r["seed"]: r for r in result["zoo"]}
     assert [zoo[s]["status"] for s in (12, 13, 14)] == ["ok", "error", "ok"], result["zoo"]
     assert "m00001.safetensors" in zoo[13]["error"] and "died" in zoo[13]["error"]
+    # lockstep chunks of 2: the chunk that holds seed 13 is retried, then both its models are error rows
+    chunks = {r["seed"]: r for r in result["chunks"]}
+    assert [chunks[s]["status"] for s in range(12, 17)] == ["error", "error", "ok", "ok", "ok"], result["chunks"]
+    assert all("died" in chunks[s]["error"] and "(2 attempts" in chunks[s]["error"] for s in (12, 13))

@@ -63,6 +63,7 @@ def permutation_spec(spec: ArchSpec | dict | str) -> PermutationSpec:
 
 from dwf_ray.archs import mlp as _mlp  # noqa: E402,F401  (registers "mlp")
 from dwf_ray.archs import cnn as _cnn  # noqa: E402,F401  (registers "cnn")
+from dwf_ray.archs import cnn1d as _cnn1d  # noqa: E402,F401  (registers "cnn1d")
 from dwf_ray.archs import resnet as _resnet  # noqa: E402,F401  (registers "resnet18", "resnet20")
 from dwf_ray.archs import vit as _vit  # noqa: E402,F401  (registers "vit")
 from dwf_ray.archs import bert as _bert  # noqa: E402,F401  (registers "bert")

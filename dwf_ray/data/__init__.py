@@ -2,6 +2,9 @@
 
 - bundled: scikit-learn ``digits`` (64 features, or 1x8x8 images) and ``iris``;
 - ``text-synth``: a generated review-sentiment task (token ids), shipped as code;
+- ``mnist1d``: MNIST-1D (Greydanus 2020), 40-sample signals built offline by the ``mnist1d`` package's own
+  generator from its templates (never its download or pickle cache); ``num_train`` (default 4,000, the published
+  split) and ``num_test`` (default 10,000) signals from one draw, validation carved from the training part;
 - ``cifar10``, ``mnist``, ``fashion-mnist``, ``stl10``: torchvision's on-disk formats under ``zoo.data_root``
   (a folder or s3:// prefix); validation split drawn from the official train set, test = official test set;
 - ``text-parquet``: Parquet files (columns text, label) named train*/test* under ``zoo.data_root``.
@@ -44,6 +47,7 @@ DATASETS: dict[str, tuple[str, dict]] = {
     "text-synth": ("text", {"n": 6000, "seed": 0, "label_noise": 0.04, "max_len": 20, "vocab_size": 1000,
                             "tokenizer": None}),
     "text-parquet": ("text", {**_TEXT_ARGS, "text_column": "text", "label_column": "label"}),
+    "mnist1d": ("signal", {"num_train": 4000, "num_test": 10000, "seed": 42, "val_fraction": 0.1}),
     **{name: ("image", {"val_fraction": 0.1, "max_train": None})
        for name in ("cifar10", "mnist", "fashion-mnist", "stl10")},
 }
@@ -65,6 +69,8 @@ def input_shape(zoo_cfg) -> tuple[int, ...]:
     if kind == "image":
         from dwf_ray.data.folders import IMAGE_FOLDERS
         return IMAGE_FOLDERS[zoo_cfg.dataset][1]
+    if kind == "signal":
+        return (MNIST1D_LENGTH,)
     return (1, 8, 8) if zoo_cfg.image else {"digits": (64,), "iris": (4,)}[zoo_cfg.dataset]
 
 
@@ -76,7 +82,44 @@ def dataset_args(name: str, given: dict) -> dict:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"dataset {name!r} has no arguments {unknown}; it takes {sorted(defaults) or 'none'}")
-    return {**defaults, **given}
+    args = {**defaults, **given}
+    if name == "mnist1d":
+        _check_mnist1d_args(args)
+    return args
+
+
+MNIST1D_LENGTH = 40     # samples per signal (the package's final_seq_length)
+
+
+def _check_mnist1d_args(args: dict) -> None:
+    def bad(key: str, allowed: str):
+        raise ValueError(f"dataset 'mnist1d': {key}={args[key]!r} is out of range (allowed: {allowed})")
+    for key, low in (("num_train", 100), ("num_test", 10)):
+        if not isinstance(args[key], int) or isinstance(args[key], bool) or not low <= args[key] <= 1_000_000:
+            bad(key, f"an integer from {low} to 1,000,000")
+    if not isinstance(args["seed"], int) or isinstance(args["seed"], bool) or not 0 <= args["seed"] < 2 ** 32:
+        bad("seed", "an integer from 0 to 2**32 - 1")
+    if not isinstance(args["val_fraction"], (int, float)) or not 0 < args["val_fraction"] < 1:
+        bad("val_fraction", "a fraction in (0, 1)")
+
+
+def mnist1d_signals(num_train: int, num_test: int, seed: int):
+    """((train x, y), (test x, y)) from the package's generator: one draw of num_train + num_test signals (rounded
+    up to whole classes), standardised together as the package does. The generator seeds NumPy's and Python's
+    global random state; both are restored afterwards."""
+    import random
+    from mnist1d.data import get_dataset_args, make_dataset
+    args = get_dataset_args()
+    total = num_train + num_test
+    args.num_samples, args.train_split, args.seed = -(-total // 10) * 10, 1.0, seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+    return (x[:num_train], y[:num_train]), (x[num_train:total], y[num_train:total])
 
 
 def _source(name: str, data_root: str | None, args: dict):
@@ -85,6 +128,8 @@ def _source(name: str, data_root: str | None, args: dict):
         from sklearn import datasets
         d = datasets.load_digits() if name == "digits" else datasets.load_iris()
         return (d.data.astype(np.float32), d.target), None
+    if name == "mnist1d":
+        return mnist1d_signals(args["num_train"], args["num_test"], args["seed"])
     if name == "text-synth":
         from dwf_ray.data.text import synth_reviews
         return synth_reviews(args["n"], args["seed"], args["label_noise"]), None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 
 import pandas as pd
@@ -14,10 +15,13 @@ from dwf_ray.accuracy import accuracy
 from dwf_ray.archs import ArchSpec, build_model
 from dwf_ray.config import RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import row_blocks, wait_with_progress
+from dwf_ray.runtime import cluster_cpus, row_blocks, wait_with_progress
 from dwf_ray.store import RunStore
 from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, row_error, save_checkpoint
 from dwf_ray.zoo.formats import scan
+from dwf_ray.zoo.lockstep import chunk_metrics, lockstep_problem, train_lockstep
+
+LOCKSTEP_CHUNK = 256    # default models per task for lockstep families (bench/zoo_throughput.py measures it)
 
 MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "sha256",
                     "train_acc", "val_acc", "test_acc", "status", "error"]
@@ -61,44 +65,96 @@ def _row(model_id: str, uri: str, arch: ArchSpec, cfg: ZooConfig, seed: int, **k
     return row
 
 
-@ray.remote
-def train_member(cfg_json: str, seed: int, model_id: str, uri: str) -> dict:
-    """Train one zoo model and write its checkpoint; a checkpoint already written is reused."""
-    torch.set_num_threads(1)
-    cfg = ZooConfig.model_validate_json(cfg_json)
-    arch = ArchSpec.parse(cfg.arch)
-    if store.exists(uri):
-        try:
-            _, meta = load_checkpoint(uri)
-            return _row(model_id, uri, arch, cfg, seed, **json.loads(meta["row"]))
-        except (CheckpointError, KeyError):
-            pass  # unreadable leftover: train again
-    torch.manual_seed(seed)
-    model = train_classifier(build_model(arch), cfg, seed)
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
-    info = {"n_params": sum(p.numel() for p in model.parameters()), **_metrics(model, cfg)}
+def _reused_row(model_id: str, uri: str, arch: ArchSpec, cfg: ZooConfig, seed: int) -> dict | None:
+    """The row of a checkpoint a previous attempt already wrote, or None (absent or unreadable: train again)."""
+    if not store.exists(uri):
+        return None
+    try:
+        _, meta = load_checkpoint(uri)
+        sha256 = hashlib.sha256(store.read_bytes(uri)).hexdigest()
+        return _row(model_id, uri, arch, cfg, seed, **json.loads(meta["row"]), sha256=sha256)
+    except (CheckpointError, KeyError):
+        return None
+
+
+def _write_member(model_id: str, uri: str, arch: ArchSpec, cfg: ZooConfig, seed: int, state: dict,
+                  metrics: dict) -> dict:
+    """One trained model's checkpoint (its row in the header metadata) and its manifest row."""
+    info = {"n_params": int(sum(v.size for v in state.values())), **metrics}
     info["sha256"] = save_checkpoint(uri, state, arch, extra={"row": json.dumps(info), "seed": str(seed)})
     return _row(model_id, uri, arch, cfg, seed, **info)
 
 
-def train_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
-    """Train ``cfg.n_models`` models as Ray tasks; returns the manifest (one row per model)."""
-    cfg_json, arch = cfg.model_dump_json(), ArchSpec.parse(cfg.arch)
-    refs, members = [], []
-    for i in range(cfg.n_models):
-        seed, model_id = cfg.seed0 + i, f"m{i:05d}"
-        uri = store.join(out_dir, f"{model_id}.safetensors")
-        members.append((model_id, uri, seed))
-        refs.append(train_member.options(num_cpus=cfg.cpus_per_model, max_retries=cfg.max_retries).remote(
-            cfg_json, seed, model_id, uri))
+def _train_alone(model_id: str, uri: str, arch: ArchSpec, cfg: ZooConfig, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = train_classifier(build_model(arch), cfg, seed)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    return _write_member(model_id, uri, arch, cfg, seed, state, _metrics(model, cfg))
 
-    def died(i: int, exc: Exception) -> dict:   # the worker died on every attempt: an error row, the rest go on
-        model_id, uri, seed = members[i]
-        return _row(model_id, uri, arch, cfg, seed, status="error", n_params=0, sha256="",
-                    error=f"{uri}: the worker process died each time it trained this model "
-                          f"({1 + cfg.max_retries} attempts; {type(exc).__name__})")
-    rows = wait_with_progress(refs, "zoo: training", on_died=died)
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+def _train_together(members: list[tuple[str, str, int]], arch: ArchSpec, cfg: ZooConfig) -> list[dict]:
+    """Train a chunk in lockstep; a model whose loss stopped being finite becomes an error row naming its seed,
+    and the rest of its chunk is kept."""
+    data = dataset_for(cfg)
+    result = train_lockstep(arch, cfg, [seed for _, _, seed in members], data)
+    metrics = chunk_metrics(arch, result.states, data)
+    rows = []
+    for (model_id, uri, seed), state, epoch, acc in zip(members, result.states, result.diverged, metrics):
+        if epoch is None:
+            rows.append(_write_member(model_id, uri, arch, cfg, seed, state, acc))
+        else:
+            rows.append(_row(model_id, uri, arch, cfg, seed, status="error", n_params=0, sha256="",
+                             error=f"{uri}: seed {seed} diverged (training loss not finite in epoch {epoch}); "
+                                   f"its chunk-mates were kept"))
+    return rows
+
+
+@ray.remote
+def train_chunk(cfg_json: str, members: list[tuple[str, str, int]]) -> list[dict]:
+    """Train the zoo models ``members`` (model id, checkpoint uri, seed) and write their checkpoints: in lockstep
+    when the family allows it, else one after another. Checkpoints already written are reused."""
+    torch.set_num_threads(1)
+    cfg = ZooConfig.model_validate_json(cfg_json)
+    arch = ArchSpec.parse(cfg.arch)
+    rows = {m[0]: _reused_row(*m[:2], arch, cfg, m[2]) for m in members}
+    todo = [m for m in members if rows[m[0]] is None]
+    if len(todo) > 1 and lockstep_problem(arch) is None:
+        rows |= {r["model_id"]: r for r in _train_together(todo, arch, cfg)}
+    else:
+        rows |= {m[0]: _train_alone(m[0], m[1], arch, cfg, m[2]) for m in todo}
+    return [rows[m[0]] for m in members]
+
+
+def models_per_task(cfg: ZooConfig, cpus: int) -> int:
+    """``zoo.models_per_task``, or by default: one for families that train alone, else chunks of up to
+    ``LOCKSTEP_CHUNK`` models, at least two tasks per CPU so that the cluster stays busy."""
+    arch = ArchSpec.parse(cfg.arch)
+    if cfg.models_per_task is not None:
+        if cfg.models_per_task > 1 and lockstep_problem(arch):
+            raise ValueError(f"zoo.models_per_task={cfg.models_per_task}: {lockstep_problem(arch)}")
+        return cfg.models_per_task
+    if lockstep_problem(arch):
+        return 1
+    return max(1, min(LOCKSTEP_CHUNK, -(-cfg.n_models // (2 * max(1, cpus)))))
+
+
+def train_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
+    """Train ``cfg.n_models`` models in Ray tasks of ``models_per_task`` each; returns the manifest (one row per
+    model)."""
+    cfg_json, arch = cfg.model_dump_json(), ArchSpec.parse(cfg.arch)
+    members = [(f"m{i:05d}", store.join(out_dir, f"m{i:05d}.safetensors"), cfg.seed0 + i) for i in range(cfg.n_models)]
+    per_task = models_per_task(cfg, cluster_cpus())
+    chunks = [members[i:i + per_task] for i in range(0, len(members), per_task)]
+    task = train_chunk.options(num_cpus=cfg.cpus_per_model, max_retries=cfg.max_retries)
+    refs = [task.remote(cfg_json, chunk) for chunk in chunks]
+
+    def died(i: int, exc: Exception) -> list[dict]:   # the worker died on every attempt: error rows, the rest go on
+        return [_row(model_id, uri, arch, cfg, seed, status="error", n_params=0, sha256="",
+                     error=f"{uri}: the worker process died each time it trained this model's chunk "
+                           f"({1 + cfg.max_retries} attempts; {type(exc).__name__})")
+                for model_id, uri, seed in chunks[i]]
+    parts = wait_with_progress(refs, "zoo: training", sizes=[len(c) for c in chunks], on_died=died)
+    return pd.DataFrame([row for part in parts for row in part], columns=MANIFEST_COLUMNS)
 
 
 def _import_batch(batch: pd.DataFrame, arch_json: str) -> pd.DataFrame:
@@ -158,6 +214,14 @@ def check_arch_fits_data(arch: ArchSpec, zoo_cfg: ZooConfig) -> None:
     if tuple(out.shape) != (2, data.n_classes):
         raise ValueError(f"{where}: the model outputs {tuple(out.shape[1:])} values per example, "
                          f"the dataset has {data.n_classes} classes")
+
+
+def check_zoo_config(cfg: ZooConfig) -> None:
+    """What can be checked before any work: the dataset's arguments and how the models are grouped into tasks
+    (a ValueError naming the key and the problem)."""
+    from dwf_ray.data import dataset_args
+    dataset_args(cfg.dataset, cfg.dataset_args)
+    models_per_task(cfg, 1)
 
 
 def run_zoo(cfg: RunConfig, st: RunStore) -> dict:

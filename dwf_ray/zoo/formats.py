@@ -58,7 +58,7 @@ class Found:
 def arch_from_hf_config(config: dict, uri: str) -> ArchSpec:
     """The ArchSpec of a transformers ``config.json``; a model_type this package does not build is refused."""
     model_type = config.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
         raise FormatError(f"{uri}: model_type {model_type!r} is not supported; supported: "
                           f"{', '.join(sorted(HF_MODEL_TYPES))}")
     try:

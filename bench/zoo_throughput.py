@@ -1,0 +1,71 @@
+"""Zoo training throughput: models/s with one model per Ray task against lockstep chunks of M models per task
+(``zoo.models_per_task``), in one run on one Ray, every setting training the same seeds of one preset's zoo.
+
+    python bench/zoo_throughput.py [--preset mnist1d-mlp-scale] [--n 1024] [--n-alone 32] [--per-task 32,128,256]
+
+M = 1 trains ``--n-alone`` models (it is slow), every other M trains ``--n``. Models/s is whole-job wall clock
+(task start-up included); the ratio is against M = 1; ``minutes_for_10000`` extrapolates each rate. The zoos'
+mean test accuracy is printed beside each setting (the same recipe must give the same models).
+Writes bench/results/zoo_throughput.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from dwf_ray.presets import preset
+from dwf_ray.runtime import cluster_cpus, ensure_ray
+from dwf_ray.zoo import models_per_task, train_zoo
+
+RESULTS = Path(__file__).parent / "results" / "zoo_throughput.json"
+
+
+def timed_zoo(zoo_cfg, per_task: int, n: int) -> dict:
+    cfg = zoo_cfg.model_copy(update={"n_models": n, "models_per_task": per_task})
+    with tempfile.TemporaryDirectory(prefix="zoo-bench-") as out:
+        t0 = time.perf_counter()
+        man = train_zoo(cfg, out)
+        seconds = time.perf_counter() - t0
+    ok = man[man["status"] == "ok"]
+    return {"models_per_task": per_task, "models": n, "ok": len(ok), "seconds": round(seconds, 2),
+            "models_per_s": round(n / seconds, 3), "minutes_for_10000": round(10_000 / (n / seconds) / 60, 1),
+            "test_acc_mean": round(float(ok["test_acc"].mean()), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="mnist1d-mlp-scale")
+    ap.add_argument("--n", type=int, default=1024, help="models per lockstep setting")
+    ap.add_argument("--n-alone", type=int, default=32, help="models with one model per task")
+    ap.add_argument("--per-task", default="32,128,256", help="lockstep chunk sizes M to time")
+    ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (a quicker bench)")
+    args = ap.parse_args()
+    zoo_cfg = preset(args.preset).zoo
+    if args.epochs:
+        zoo_cfg = zoo_cfg.model_copy(update={"epochs": args.epochs})
+    ensure_ray()
+    rows = [timed_zoo(zoo_cfg, 1, args.n_alone)]
+    for m in (int(v) for v in args.per_task.split(",")):
+        models_per_task(zoo_cfg.model_copy(update={"models_per_task": m}), 1)   # a family that cannot: one line
+        rows.append(timed_zoo(zoo_cfg, m, args.n))
+        print(rows[-1], flush=True)
+    best = max(rows[1:], key=lambda r: r["models_per_s"])
+    result = {"preset": args.preset, "arch": zoo_cfg.arch, "epochs": zoo_cfg.epochs, "cpus": cluster_cpus(),
+              "rows": rows, "best_models_per_task": best["models_per_task"],
+              "speedup_best_vs_one_per_task": round(best["models_per_s"] / rows[0]["models_per_s"], 2)}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"\n{args.preset}: {zoo_cfg.arch['family']} {zoo_cfg.arch['args']}, {zoo_cfg.epochs} epochs, "
+          f"{result['cpus']} CPUs")
+    print(f"{'M':>5} {'models':>7} {'seconds':>9} {'models/s':>9} {'min/10k':>8} {'test acc':>9}")
+    for r in rows:
+        print(f"{r['models_per_task']:>5} {r['models']:>7} {r['seconds']:>9} {r['models_per_s']:>9} "
+              f"{r['minutes_for_10000']:>8} {r['test_acc_mean']:>9}")
+    print(f"best M = {best['models_per_task']}: {result['speedup_best_vs_one_per_task']}x the models/s of M = 1")
+
+
+if __name__ == "__main__":
+    main()
