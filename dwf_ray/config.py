@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 # The paper's flow: hidden 512, time embedding 64, dropout 0.1, AdamW 5e-4 with a cosine schedule, 30k steps,
@@ -56,8 +56,11 @@ class CanonConfig(_Cfg):
 
 
 class PCAConfig(_Cfg):
-    k: Optional[int] = None          # None: n-1, or the variance target when one is set
-    variance_target: Optional[float] = None
+    k: Optional[int] = None          # a fixed number of components; None: variance_target, at most max_k
+    variance_target: Optional[float] = 0.99   # the smallest k keeping this share of the variance; None: all
+    max_k: Optional[int] = 256       # cap on that k, so the flow's dimension does not grow with the zoo
+    side: Literal["auto", "gram", "covariance"] = "auto"   # n x n Gram (column shards) or d x d covariance
+                                     # (row shards); auto: the smaller one
     n_shards: int = 2
     shard_cpus: float = 0.5          # also the BLAS/torch threads of a shard (at least 1)
     shard_gpus: float = 0.0
@@ -65,7 +68,21 @@ class PCAConfig(_Cfg):
     engine: Literal["auto", "numpy", "torch"] = "auto"   # auto: torch (on the GPU) when shard_gpus > 0
     compute_dtype: Literal["float32", "float64"] = "float32"   # products; blocks are summed in float64
     input_dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # torch engine: inputs of the products
-    max_restarts: int = 2            # a GramShard that dies is restarted and redoes its pass
+    max_restarts: int = 2            # a shard actor (Gram or row side) that dies is restarted and redoes its pass
+
+    @field_validator("k", "max_k")
+    @classmethod
+    def _at_least_one(cls, v: Optional[int], info) -> Optional[int]:
+        if v is not None and v < 1:       # k's upper bound, n - 1 (and the rank), is checked by the fit
+            raise ValueError(f"{v} is outside {'[1, n - 1]' if info.field_name == 'k' else '[1, inf)'}")
+        return v
+
+    @field_validator("variance_target")
+    @classmethod
+    def _a_share(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"{v} is outside (0, 1]")
+        return v
 
     def resolved_engine(self) -> str:
         return ("torch" if self.shard_gpus > 0 else "numpy") if self.engine == "auto" else self.engine

@@ -11,12 +11,14 @@ import torch
 from sklearn.decomposition import PCA
 
 from dwf_ray.archs import ArchSpec
-from dwf_ray.config import PCAConfig
-from dwf_ray.pca.dual import centre_gram, dual_pca
+from dwf_ray.config import PCAConfig, RunConfig
+from dwf_ray.pca.covariance import covariance_pca
+from dwf_ray.pca.dual import centre_gram, dual_pca, latent_signs
 from dwf_ray.pca.gram import GramShard, budget_for_block, plan_blocks
 from dwf_ray.pca.reader import model_columns
+from dwf_ray.pca.rows import bytes_per_row, fixed_row_bytes, plan_rows
 from dwf_ray.pca.shardfile import load_shard, write_shard
-from dwf_ray.pca.shards import PCAModel, fit_distributed_pca
+from dwf_ray.pca.shards import PCAModel, fit_distributed_pca, shard_ranges
 from dwf_ray.weights import CheckpointError, WeightLayout, save_checkpoint
 
 ARCH = ArchSpec("mlp", {"in_dim": 6, "hidden": [5], "out_dim": 3})   # d = 53
@@ -97,7 +99,8 @@ def test_distributed_dual_pca_matches_sklearn(tmp_path, reference, n_shards, blo
 
 def test_full_rank_pca_reconstructs_the_training_models(tmp_path, ray_session):
     uris, x = make_zoo(str(tmp_path / "zoo"), n=8, seed=1)
-    meta, model, z = fit(uris, str(tmp_path / "pca"), n_shards=2, memory_budget_bytes=budget_for_block(8, 5))
+    meta, model, z = fit(uris, str(tmp_path / "pca"), n_shards=2, memory_budget_bytes=budget_for_block(8, 5),
+                         variance_target=1.0)
     assert meta["k"] == 7 and meta["explained_variance_total"] == pytest.approx(1.0, abs=1e-9)
     np.testing.assert_allclose(model.decode(z), x, atol=1e-4)
     np.testing.assert_allclose(model.decode(model.project(x)), x, atol=1e-4)
@@ -233,3 +236,135 @@ def test_a_killed_gram_shard_is_restarted_and_the_fit_completes(tmp_path, refere
     assert all(meta["shards"][i]["pid"] != killed[i] for i in (0, 1))
     assert meta["eigenvalues"] == ref_meta["eigenvalues"]
     np.testing.assert_array_equal(basis(PCAModel.load(str(tmp_path / "pca"))), basis(ref_model))
+
+
+# ---------------------------------------------------------------- the covariance side (d < n) and the choice of k
+
+@pytest.fixture(scope="module")
+def tall_zoo(tmp_path_factory):
+    """80 models of d = 53 parameters: more models than parameters."""
+    return make_zoo(str(tmp_path_factory.mktemp("tall") / "zoo"), n=80, seed=2)
+
+
+def sklearn_reference(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's components (d, k) and latents (n, k), with the project's sign convention applied."""
+    sk = PCA(n_components=k, svd_solver="full").fit(x.astype(np.float64))
+    z = sk.transform(x.astype(np.float64))
+    signs = latent_signs(z)
+    return sk.components_.T * signs, z * signs
+
+
+@pytest.mark.parametrize("shape", ["wide", "tall"])
+def test_gram_and_covariance_sides_give_the_same_components_and_latents(tmp_path, reference, tall_zoo, shape):
+    """n < d (10 x 53) and n > d (80 x 53): both sides, the single-process references and scikit-learn agree
+    without any sign alignment; auto picks the smaller problem."""
+    uris, x = reference[:2] if shape == "wide" else tall_zoo
+    k = 4
+    fits = {side: fit(uris, str(tmp_path / side), k=k, side=side, compute_dtype="float64", n_shards=3)
+            for side in ("gram", "covariance")}
+    ref_comps, ref_z = sklearn_reference(x, k)
+    for side, (meta, model, z) in fits.items():
+        assert meta["side"] == side and meta["k"] == k
+        np.testing.assert_allclose(basis(model)[:, 1:], ref_comps, atol=1e-5)
+        np.testing.assert_allclose(z, ref_z, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(basis(model)[:, 0], x.astype(np.float64).mean(0), atol=1e-5)
+        np.testing.assert_allclose(model.project_checkpoints(uris, LAYOUT, block=7), z, rtol=1e-4, atol=1e-4)
+    (gmeta, gmodel, gz), (cmeta, cmodel, cz) = fits["gram"], fits["covariance"]
+    # float64 products of float32 blocks, each centred (Gram side) or shifted (row side) in float32: eigenvalues
+    # agree to 1e-6, the 4th component (a noise direction, close to the 5th) to 1e-5
+    np.testing.assert_allclose(basis(cmodel), basis(gmodel), atol=1e-5)
+    np.testing.assert_allclose(cz, gz, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cmeta["eigenvalues"], gmeta["eigenvalues"], rtol=1e-6)
+    assert cmeta["total_variance"] == pytest.approx(gmeta["total_variance"], rel=1e-6)
+    for reference_fit in (dual_pca, covariance_pca):
+        mean, comps, ref_latents, _ = reference_fit(x, k)
+        np.testing.assert_allclose(basis(cmodel)[:, 1:], comps, atol=1e-5)
+        np.testing.assert_allclose(cz, ref_latents, rtol=1e-5, atol=1e-5)
+    # the row side read every model whole, once (its rows fit the default budget), in 3 actors
+    rows = cmeta["row_shards"]
+    assert [(r["start"], r["stop"]) for r in rows] == shard_ranges(len(x), 3)
+    assert sum(r["bytes_read"] for r in rows) == 4 * x.size and all(r["passes"] == 1 for r in rows)
+    auto, _, _ = fit(uris, str(tmp_path / "auto"), k=k)
+    assert auto["side"] == ("gram" if shape == "wide" else "covariance")
+
+
+def test_covariance_side_in_float32_matches_the_gram_side(tmp_path, tall_zoo):
+    """The default float32 products: the shifted row sums keep both sides within float32 accuracy."""
+    uris, x = tall_zoo
+    (gmeta, gmodel, gz), (cmeta, cmodel, cz) = (fit(uris, str(tmp_path / s), k=4, side=s)
+                                                for s in ("gram", "covariance"))
+    np.testing.assert_allclose(cmeta["eigenvalues"], gmeta["eigenvalues"], rtol=1e-3)   # as float32 Gram vs sklearn
+    np.testing.assert_allclose(basis(cmodel), basis(gmodel), atol=1e-3)
+    np.testing.assert_allclose(cz, gz, rtol=1e-3, atol=1e-3)
+
+
+def test_row_blocks_follow_the_memory_budget_not_n(tmp_path, tall_zoo):
+    uris, x = tall_zoo
+    d = LAYOUT.size
+    budget = fixed_row_bytes(d) + 9 * bytes_per_row(d)               # 9-model blocks, no room to keep 40 models
+    meta, model, z = fit(uris, str(tmp_path / "pca"), k=4, side="covariance", memory_budget_bytes=budget)
+    rows = meta["row_shards"]
+    assert all(r["block"] == 9 and not r["cached"] and r["passes"] == 2 for r in rows)
+    assert all(r["bytes_read"] == 2 * 4 * d * (r["stop"] - r["start"]) and r["planned_bytes"] <= budget
+               for r in rows)
+    _, comps, latents_ref, _ = covariance_pca(x, 4)
+    np.testing.assert_allclose(z, latents_ref, rtol=1e-3, atol=1e-3)
+    big = [plan_rows(n, 2700, 1 << 30) for n in (10**5, 10**6, 10**7)]
+    assert len({p.block for p in big}) == 1 and all(p.bytes <= 1 << 30 for p in big)
+    with pytest.raises(ValueError, match=r"pca.memory_budget_bytes=2147483648 is too small for the covariance "
+                                         r"side with d=20000 parameters: .* set pca.side=gram"):
+        plan_rows(10**5, 20000, 2 << 30)
+    with pytest.raises(ValueError, match="too small for the covariance side with d=53"):
+        fit(uris, str(tmp_path / "bad"), side="covariance", memory_budget_bytes=fixed_row_bytes(d))
+
+
+def test_a_killed_row_shard_is_restarted_and_the_fit_completes(tmp_path, tall_zoo):
+    """SIGKILL one RowShard before the covariance pass and another between that pass and the latents."""
+    import ray
+    uris, x = tall_zoo
+    killed = {}
+
+    def kill(stage, actors):
+        victim = {"covariance": 0, "latents": 1}[stage]
+        killed[victim] = ray.get(actors[victim].stats.remote())["pid"]
+        os.kill(killed[victim], signal.SIGKILL)
+
+    cfg = PCAConfig(k=4, side="covariance")
+    ids = [f"m{i}" for i in range(len(uris))]
+    meta = fit_distributed_pca(uris, ids, LAYOUT, cfg, str(tmp_path / "killed"), on_stage=kill)
+    calm = fit_distributed_pca(uris, ids, LAYOUT, cfg, str(tmp_path / "calm"))
+    assert all(meta["row_shards"][i]["pid"] != killed[i] for i in (0, 1))
+    assert meta["eigenvalues"] == calm["eigenvalues"]
+    np.testing.assert_array_equal(PCAModel.load_latents(str(tmp_path / "killed")),
+                                  PCAModel.load_latents(str(tmp_path / "calm")))
+    np.testing.assert_array_equal(basis(PCAModel.load(str(tmp_path / "killed"))),
+                                  basis(PCAModel.load(str(tmp_path / "calm"))))
+
+
+def test_default_k_follows_the_variance_kept_not_the_zoo_size(tmp_path, reference, tall_zoo):
+    """By default k is the smallest reaching pca.variance_target (never n - 1); three strong directions keep
+    3 components at 0.999 whether the zoo has 10 or 80 models, on either side; max_k caps k."""
+    ks = {}
+    for name, (uris, x) in {"wide": reference[:2], "tall": tall_zoo}.items():
+        meta, _, z = fit(uris, str(tmp_path / name))
+        ratio = np.cumsum(PCA().fit(x.astype(np.float64)).explained_variance_ratio_)
+        expected = int(np.searchsorted(ratio, PCAConfig().variance_target) + 1)
+        assert meta["k"] == expected == z.shape[1] < len(x) - 1
+        assert meta["explained_variance_total"] == pytest.approx(ratio[expected - 1], rel=1e-5)
+        ks[name] = fit(uris, str(tmp_path / f"{name}_999"), variance_target=0.999)[0]["k"]
+        assert fit(uris, str(tmp_path / f"{name}_cap"), variance_target=0.999, max_k=2)[0]["k"] == 2
+    assert ks == {"wide": 3, "tall": 3}
+    everything, _, _ = fit(reference[0], str(tmp_path / "all"), variance_target=None, max_k=None)
+    assert everything["k"] == len(reference[1]) - 1
+
+
+def test_out_of_range_k_and_variance_target_are_one_line_errors(tmp_path, reference):
+    for override, message in [("pca.k=0", "pca.k: Value error, 0 is outside [1, n - 1]"),
+                              ("pca.variance_target=1.5", "pca.variance_target: Value error, 1.5 is outside (0, 1]"),
+                              ("pca.variance_target=0", "pca.variance_target: Value error, 0.0 is outside (0, 1]"),
+                              ("pca.max_k=0", "pca.max_k: Value error, 0 is outside [1, inf)")]:
+        with pytest.raises(ValueError) as err:
+            RunConfig().with_overrides([override])
+        assert str(err.value) == f"invalid config value ({message})"
+    with pytest.raises(ValueError, match=r"^pca.k=10 is outside \[1, 9\] for 10 models \(rank 9\)$"):
+        fit(reference[0], str(tmp_path / "pca"), k=10)

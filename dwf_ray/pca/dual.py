@@ -1,4 +1,5 @@
-"""Dual PCA math: from an n x n Gram matrix to components, never forming the d x d covariance."""
+"""Dual PCA math: from an n x n Gram matrix to components, never forming the d x d covariance; the choice of k and
+the sign convention that the covariance side (covariance.py) shares."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,14 +9,19 @@ import numpy as np
 
 @dataclass
 class Eigen:
-    """Top-k eigenpairs of the centred Gram matrix and the variance they explain."""
-    values: np.ndarray          # (k,) eigenvalues of the centred Gram, descending (= squared singular values)
-    vectors: np.ndarray         # (n, k)
-    total: float                # trace of the centred Gram: total variance times (n - 1)
+    """Top-k eigenpairs of the centred Gram (n x n) or covariance (d x d) matrix and the variance they explain.
+
+    Both matrices have the same nonzero eigenvalues and the same trace, so values and ratios mean the same
+    on either side; ``vectors`` are U (n, k) on the Gram side and the components V (d, k) on the other.
+    """
+    values: np.ndarray          # (k,) eigenvalues, descending (= squared singular values of the centred zoo)
+    vectors: np.ndarray         # (n, k) or (d, k)
+    total: float                # the trace: total variance times (n - 1)
+    n: int                      # models
 
     @property
     def explained_variance(self) -> np.ndarray:
-        return self.values / (len(self.vectors) - 1)
+        return self.values / (self.n - 1)
 
     @property
     def explained_variance_ratio(self) -> np.ndarray:
@@ -30,22 +36,47 @@ def centre_gram(gram: np.ndarray) -> np.ndarray:
     return g - g.mean(axis=1, keepdims=True)
 
 
-def top_eigen(gram_centered: np.ndarray, k: int | None = None, variance_target: float | None = None) -> Eigen:
-    """Exact ``eigh`` of the n x n matrix; k fixed, or the smallest k reaching ``variance_target``."""
-    n = len(gram_centered)
-    vals, vecs = np.linalg.eigh(gram_centered)
+def choose_k(values: np.ndarray, total: float, n: int, k: int | None = None,
+             variance_target: float | None = None, max_k: int | None = None) -> int:
+    """A fixed k, or the smallest k reaching ``variance_target`` of ``total`` (all components when None),
+    at most ``max_k``; bad values are one line naming the option and its allowed range."""
+    rank = int((values > max(values[0], 0) * 1e-12).sum())
+    limit = min(n - 1, rank)
+    if k is not None:
+        if not 1 <= k <= limit:
+            raise ValueError(f"pca.k={k} is outside [1, {limit}] for {n} models (rank {rank})")
+        return k
+    if variance_target is not None and not 0 < variance_target <= 1:
+        raise ValueError(f"pca.variance_target={variance_target} is outside (0, 1]")
+    if max_k is not None and max_k < 1:
+        raise ValueError(f"pca.max_k={max_k} is outside [1, inf)")
+    if variance_target is not None:
+        limit = min(limit, int(np.searchsorted(np.cumsum(values) / total, variance_target - 1e-12) + 1))
+    return min(limit, max_k or limit)
+
+
+def top_eigen(centred: np.ndarray, k: int | None = None, variance_target: float | None = None,
+              max_k: int | None = None, n: int | None = None) -> Eigen:
+    """Exact ``eigh`` of a centred Gram matrix (n defaults to its size) or of a centred d x d covariance of
+    n models; k by ``choose_k``."""
+    n = len(centred) if n is None else n
+    vals, vecs = np.linalg.eigh(centred)
     vals, vecs = vals[::-1], vecs[:, ::-1]
-    total = float(np.trace(gram_centered))
-    rank = int((vals > max(vals[0], 0) * 1e-12).sum())
-    max_k = min(n - 1, rank)
-    if k is None and variance_target is not None:
-        if not 0 < variance_target <= 1:
-            raise ValueError(f"variance_target must be in (0, 1], got {variance_target}")
-        k = int(np.searchsorted(np.cumsum(vals) / total, variance_target - 1e-12) + 1)
-    k = max_k if k is None else k
-    if not 1 <= k <= max_k:
-        raise ValueError(f"k={k} is outside [1, {max_k}] for {n} models (rank {rank})")
-    return Eigen(vals[:k].copy(), np.ascontiguousarray(vecs[:, :k]), total)
+    k = choose_k(vals, float(np.trace(centred)), n, k, variance_target, max_k)
+    return Eigen(vals[:k].copy(), np.ascontiguousarray(vecs[:, :k]), float(np.trace(centred)), n)
+
+
+def latent_signs(z: np.ndarray) -> np.ndarray:
+    """(k,) signs that make each column's largest-magnitude latent positive: the sign convention of both sides
+    (scikit-learn's u-based ``svd_flip``), so that two fits can be compared without aligning signs."""
+    z = np.asarray(z)
+    s = np.sign(z[np.abs(z).argmax(axis=0), np.arange(z.shape[1])])
+    return np.where(s == 0, 1.0, s)
+
+
+def oriented(eig: Eigen) -> Eigen:
+    """The Gram side's eigenvectors U with the sign convention applied (latents are U Lambda^1/2)."""
+    return Eigen(eig.values, eig.vectors * latent_signs(eig.vectors), eig.total, eig.n)
 
 
 def component_weights(eig: Eigen) -> np.ndarray:
@@ -64,10 +95,10 @@ def latents(eig: Eigen) -> np.ndarray:
     return eig.vectors * np.sqrt(eig.values)
 
 
-def dual_pca(x: np.ndarray, k: int | None = None, variance_target: float | None = None):
-    """Single-process reference: (mean, components (d, k), latents (n, k), Eigen)."""
+def dual_pca(x: np.ndarray, k: int | None = None, variance_target: float | None = None, max_k: int | None = None):
+    """Single-process reference: (mean, components (d, k), latents (n, k), Eigen), signs by ``latent_signs``."""
     x64 = np.asarray(x, dtype=np.float64)
     mean = x64.mean(axis=0)
     xc = x64 - mean
-    eig = top_eigen(xc @ xc.T, k, variance_target)
+    eig = oriented(top_eigen(xc @ xc.T, k, variance_target, max_k))
     return mean, slice_components(x64, mean, eig), latents(eig), eig

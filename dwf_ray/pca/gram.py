@@ -50,29 +50,42 @@ def budget_for_block(n: int, block: int, compute_dtype: str = "float32", engine:
     return PROCESS_BYTES[engine] + 4 * 8 * n * n + block * bytes_per_column(n, compute_dtype, engine)
 
 
+def plan_units(units: int, fixed: int, per_unit: int, read_per_unit: int, budget: int,
+               min_cached_block: int) -> BlockPlan | None:
+    """The largest blocks of ``units`` (columns or rows) that keep an actor's peak memory under ``budget``:
+    ``fixed`` bytes whatever the block, ``per_unit`` bytes per unit of a block, of which ``read_per_unit`` is
+    the block read from the checkpoints. The whole slice stays in memory between the two passes when that fits
+    with blocks of at least ``min_cached_block`` units. None when not even one unit fits."""
+    room = budget - fixed
+    if room < per_unit:
+        return None
+    streamed = min(units, room // per_unit)
+    if streamed == units:
+        return BlockPlan(units, True, fixed + units * per_unit)
+    slice_bytes = read_per_unit * units
+    cached = (room - slice_bytes) // (per_unit - read_per_unit)
+    if cached >= min(streamed, min_cached_block):   # caching must not shrink blocks below useful GEMM sizes
+        block = min(cached, units)
+        return BlockPlan(block, True, fixed + slice_bytes + block * (per_unit - read_per_unit))
+    return BlockPlan(streamed, False, fixed + streamed * per_unit)
+
+
 def plan_blocks(n: int, columns: int, budget: int, compute_dtype: str = "float32",
                 engine: str = "numpy") -> BlockPlan:
-    """The largest blocks that keep an actor's peak memory under ``budget`` bytes; the slice stays in memory
-    between the two passes when that fits too."""
+    """The largest column blocks that keep a GramShard's peak memory under ``budget`` bytes; the slice stays in
+    memory between the two passes when that fits too."""
     fixed = budget_for_block(n, 0, compute_dtype, engine)       # the process, the partial Gram and its terms
     per_column = bytes_per_column(n, compute_dtype, engine)
-    room = budget - fixed
-    if room < per_column:
+    plan = plan_units(columns, fixed, per_column, 4 * n, budget, 1 << 16)
+    if plan is None:
         raise ValueError(f"memory budget of {budget} bytes is too small for {n} models: a GramShard needs "
                          f"at least {fixed + per_column} bytes ({PROCESS_BYTES[engine]} for the process itself)")
-    streamed = min(columns, room // per_column)
-    if streamed == columns:
-        return BlockPlan(columns, True, fixed + columns * per_column)
-    slice_bytes = 4 * n * columns
-    cached = (room - slice_bytes) // (per_column - 4 * n)
-    if cached >= min(streamed, 1 << 16):            # caching must not shrink blocks below useful GEMM sizes
-        block = min(cached, columns)
-        return BlockPlan(block, True, fixed + slice_bytes + block * (per_column - 4 * n))
-    return BlockPlan(streamed, False, fixed + streamed * per_column)
+    return plan
 
 
 class NumpyEngine:
-    """Block products on NumPy's BLAS (X X^T is a syrk), in float32 or float64."""
+    """Block products on NumPy's BLAS (X X^T is a syrk), in float32 or float64. Both sides call them: the
+    Gram side with column blocks (n, b), the covariance side with transposed row blocks (d + 1, b)."""
 
     def __init__(self, compute_dtype: str = "float32", threads: int | None = None):
         from threadpoolctl import threadpool_limits
@@ -80,9 +93,10 @@ class NumpyEngine:
         if threads:
             threadpool_limits(threads, user_api="blas")
 
-    def gram(self, xc: np.ndarray) -> np.ndarray:
+    def add_gram(self, xc: np.ndarray, acc: np.ndarray) -> None:
+        """acc (float64) += X X^T, the product cast in chunks as it is added (no float64 copy of it)."""
         x = xc.astype(self.dtype, copy=False)
-        return (x @ x.T).astype(np.float64, copy=False)
+        np.add(acc, x @ x.T, out=acc)
 
     def project(self, xc: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
         """out (b, k) = X_c^T W."""
@@ -117,9 +131,9 @@ class TorchEngine:
     def _mm(self, a, b):
         return a @ b if a.dtype == self.acc else self.torch.mm(a, b, out_dtype=self.acc)
 
-    def gram(self, xc: np.ndarray) -> np.ndarray:
+    def add_gram(self, xc: np.ndarray, acc: np.ndarray) -> None:
         t = self._put(xc)
-        return self._mm(t, t.T).double().cpu().numpy()
+        np.add(acc, self._mm(t, t.T).cpu().numpy(), out=acc)
 
     def project(self, xc: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
         out[:] = self._mm(self._put(xc).T, self._put(weights.astype(np.float32))).cpu().numpy()
@@ -144,8 +158,12 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
 
 
-class GramShard:
-    """Owns columns [start, stop) of every model; a restarted actor simply reads its slice again."""
+class BlockShard:
+    """What GramShard (a column slice of every model) and RowShard (every column of a range of models) share:
+    blocks of [start, stop) read from the checkpoints, kept in memory between the two passes when the plan
+    says so, and counts of bytes, passes and seconds. A restarted actor simply reads its blocks again."""
+
+    PASSES = ("first_pass", "second_pass")      # names of the two passes in ``cpu_seconds``
 
     def __init__(self, sources: list[ModelColumns], start: int, stop: int, plan: BlockPlan,
                  engine: str = "numpy", compute_dtype: str = "float32", input_dtype: str = "float32",
@@ -155,12 +173,17 @@ class GramShard:
         self.cache: list | None = None
         self.bytes_read = 0
         self.passes = 0
-        self.seconds = {"read_and_centre": 0.0, "gram": 0.0, "project": 0.0, "write_wait": 0.0}   # wall clock
-        self.cpu_seconds = {"gram_pass": 0.0, "components_pass": 0.0}      # CPU time of this process
+        self.seconds: dict[str, float] = {}                         # wall clock of each step
+        self.cpu_seconds = dict.fromkeys(self.PASSES, 0.0)          # CPU time of this process in each pass
         self.buffers: dict[str, np.ndarray] = {}
         remote = any(not store.is_local(s.uri) for s in sources)    # ranged GETs: many in flight at once
         self.map = ThreadPoolExecutor(16).map if remote else map
         self.rss_at_start = peak_rss()
+
+    def _time(self, step: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - t0
+        return now
 
     def _scratch(self, name: str, shape: tuple[int, int]) -> np.ndarray:
         """A float32 buffer reused from block to block (fresh pages cost more than the data copied into them)."""
@@ -169,8 +192,16 @@ class GramShard:
             self.buffers[name] = np.empty(size, dtype=np.float32)
         return self.buffers[name][:size].reshape(shape)
 
-    def _centred_blocks(self):
-        """Yield (start, mean (b,), centred block (n, b)) in float32: from the cache, or read from the checkpoints."""
+    def _load(self, a: int, b: int, x: np.ndarray):
+        """Fill the float32 block ``x`` with units [a, b) and prepare it in place; returns what the block carries
+        besides (the Gram side: its column means)."""
+        raise NotImplementedError
+
+    def _block_shape(self, a: int, b: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _blocks(self):
+        """Yield (start, extra, block) of every block: from the cache, or read from the checkpoints."""
         if self.cache is not None:
             yield from self.cache
             return
@@ -178,27 +209,56 @@ class GramShard:
         for a in range(self.start, self.stop, self.plan.block):
             b = min(a + self.plan.block, self.stop)
             t0 = time.perf_counter()
-            shape = (len(self.sources), b - a)
+            shape = self._block_shape(a, b)
             x = np.empty(shape, dtype=np.float32) if cache is not None else self._scratch("block", shape)
-            self.bytes_read += sum(self.map(lambda i: self.sources[i].read(a, b, x[i]), range(len(x))))
-            mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-            x -= mean
-            self.seconds["read_and_centre"] += time.perf_counter() - t0
+            extra = self._load(a, b, x)
+            self._time("read", t0)
             if cache is not None:
-                cache.append((a, mean, x))
-            yield a, mean, x
+                cache.append((a, extra, x))
+            yield a, extra, x
         self.passes += 1
         self.cache = cache
+
+    def _read_rows(self, rows: range, start: int, stop: int, x: np.ndarray) -> None:
+        """x[i] = columns [start, stop) of model rows[i]."""
+        self.bytes_read += sum(self.map(lambda i: self.sources[rows[i]].read(start, stop, x[i]), range(len(x))))
+
+    def _release(self, pass_name: str, c0: float) -> None:
+        """End of the second pass: the slice is not needed any more."""
+        self.cache, self.buffers = None, {}
+        self.cpu_seconds[pass_name] += time.process_time() - c0
+
+    def stats(self) -> dict:
+        return {"start": self.start, "stop": self.stop, "bytes_read": self.bytes_read, "passes": self.passes,
+                "block": self.plan.block, "cached": self.plan.cache, "planned_bytes": self.plan.bytes,
+                "pid": os.getpid(), "peak_rss_bytes": peak_rss(), "rss_at_start_bytes": self.rss_at_start,
+                "seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds)}
+
+
+class GramShard(BlockShard):
+    """Owns columns [start, stop) of every model: the partial Gram matrix, then its slice of the components."""
+
+    PASSES = ("gram_pass", "components_pass")
+
+    def _block_shape(self, a: int, b: int) -> tuple[int, int]:
+        return len(self.sources), b - a
+
+    def _load(self, a: int, b: int, x: np.ndarray) -> np.ndarray:
+        """Read columns [a, b) of every model and centre them; returns their mean (float32)."""
+        self._read_rows(range(len(self.sources)), a, b, x)
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        x -= mean
+        return mean
 
     def gram(self) -> np.ndarray:
         """This slice's centred Gram matrix (n, n) in float64: the sum over blocks of X_c X_c^T."""
         n = len(self.sources)
         g = np.zeros((n, n))
         c0 = time.process_time()
-        for _, _, x in self._centred_blocks():
+        for _, _, x in self._blocks():
             t0 = time.perf_counter()
-            g += self.engine.gram(x)
-            self.seconds["gram"] += time.perf_counter() - t0
+            self.engine.add_gram(x, g)
+            self._time("gram", t0)
         self.cpu_seconds["gram_pass"] += time.process_time() - c0
         return g
 
@@ -207,21 +267,13 @@ class GramShard:
         k = weights.shape[1]
         c0 = time.process_time()
         with write_shard(out_uri, self.start, self.stop, k) as put:
-            for i, (a, mean, x) in enumerate(self._centred_blocks()):
+            for i, (a, mean, x) in enumerate(self._blocks()):
                 t0 = time.perf_counter()
                 rows = self._scratch(f"rows{i % 2}", (x.shape[1], 1 + k))   # the other one may be being written
                 rows[:, 0] = mean
                 self.engine.project(x, weights, rows[:, 1:])
-                t1 = time.perf_counter()
+                t1 = self._time("project", t0)
                 put(rows)
-                self.seconds["project"] += t1 - t0
-                self.seconds["write_wait"] += time.perf_counter() - t1
-        self.cache, self.buffers = None, {}     # the slice is not needed any more
-        self.cpu_seconds["components_pass"] += time.process_time() - c0
+                self._time("write_wait", t1)
+        self._release("components_pass", c0)
         return out_uri
-
-    def stats(self) -> dict:
-        return {"start": self.start, "stop": self.stop, "bytes_read": self.bytes_read, "passes": self.passes,
-                "block": self.plan.block, "cached": self.plan.cache, "planned_bytes": self.plan.bytes,
-                "pid": os.getpid(), "peak_rss_bytes": peak_rss(), "rss_at_start_bytes": self.rss_at_start,
-                "seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds)}
