@@ -17,6 +17,13 @@ bench/results/pca_bench_<arch>_n<n>.png.
 
     python bench/pca_bench.py                                # n = 100 ResNet-18 checkpoints, d = 11.2M
     python bench/pca_bench.py --arch bert-base --n 32        # d = 109.5M (writes 14 GB, deleted afterwards)
+
+The covariance side (d < n: RowShard actors, d x d products), with each step (products, eigh, latents, write)
+against the machine's limit (the zoo read once, the syrk and GEMM rates and LAPACK's eigh measured here):
+
+    python bench/pca_bench.py --side covariance --arch mlp-40-32-32-10              # 10,000 x 2,698
+    python bench/pca_bench.py --side covariance --arch mlp-40-100-100-10 --budget-gib 4   # 10,000 x 15,210
+    python bench/pca_bench.py --side covariance --arch mlp-40-16-10 --n 2000 --compare-gram   # a quick check
 """
 from __future__ import annotations
 
@@ -80,8 +87,20 @@ def bert_shapes(layers: int = 12, hidden: int = 768, vocab: int = 30522) -> list
     return shapes + [("pooler.dense.weight", (h, h)), ("pooler.dense.bias", (h,))]
 
 
+def mlp_shapes(*widths: int) -> list[tuple[str, tuple]]:
+    """Parameter shapes of an MLP with these layer widths (input first)."""
+    shapes = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        shapes += [(f"net.{2 * i}.weight", (b, a)), (f"net.{2 * i}.bias", (b,))]
+    return shapes
+
+
 ARCHS = {"resnet18": resnet18_shapes, "bert-base": bert_shapes,
-         "resnet18-small": lambda: resnet18_shapes(width=16)}     # 0.7M: a quick check of the script
+         "resnet18-small": lambda: resnet18_shapes(width=16),     # 0.7M: a quick check of the script
+         # MNIST-1D MLPs for zoos of many small models (the covariance side): d = 2,698 and d = 15,210
+         "mlp-40-32-32-10": lambda: mlp_shapes(40, 32, 32, 10),
+         "mlp-40-100-100-10": lambda: mlp_shapes(40, 100, 100, 10),
+         "mlp-40-16-10": lambda: mlp_shapes(40, 16, 10)}           # d = 826: a quick check of the covariance mode
 
 
 def make_layout(shapes):
@@ -157,29 +176,43 @@ def blas_seconds_per_flop(n: int, columns: int, threads: int, reps: int = 3) -> 
     return wall / (2 * n * n * columns), cpu / (2 * n * n * columns)
 
 
+def syrk_seconds_per_flop(rows: int, columns: int, threads: int, reps: int = 3) -> tuple[float, float]:
+    """(wall, CPU) seconds per flop of the float32 X^T X (a syrk: rows x columns x (columns + 1) flops) of a
+    (rows, columns) block, the covariance side's product."""
+    from threadpoolctl import threadpool_limits
+    x = np.random.default_rng(0).standard_normal((rows, columns), dtype=np.float32)
+    with threadpool_limits(threads, user_api="blas"):
+        x.T @ x
+        wall, cpu = min(timed(lambda: x.T @ x) for _ in range(reps))
+    flops = rows * columns * (columns + 1)
+    return wall / flops, cpu / flops
+
+
 # ---------------------------------------------------------------- the contestants
 
-def run_ours(uris: list[str], layout, n_shards: int, budget: int, k: int, out_dir: str) -> dict:
-    """Our fit with ``n_shards`` actors of one CPU (one BLAS thread) each."""
+def run_ours(uris: list[str], layout, n_shards: int, budget: int, k: int | None, out_dir: str,
+             side: str = "gram") -> dict:
+    """Our fit on ``side`` with ``n_shards`` actors of one CPU (one BLAS thread) each; k=None: the default rule."""
     from dwf_ray.config import PCAConfig
     from dwf_ray.pca.shards import fit_distributed_pca
-    cfg = PCAConfig(k=k, n_shards=n_shards, shard_cpus=1, memory_budget_bytes=budget)
-    marks = {}
+    cfg = PCAConfig(k=k, n_shards=n_shards, shard_cpus=1, memory_budget_bytes=budget, side=side)
     t0 = time.perf_counter()
-    meta = fit_distributed_pca(uris, [str(i) for i in range(len(uris))], layout, cfg, out_dir,
-                               on_stage=lambda stage, actors: marks.__setitem__(stage, time.perf_counter()))
+    meta = fit_distributed_pca(uris, [str(i) for i in range(len(uris))], layout, cfg, out_dir)
     total = time.perf_counter() - t0
-    shards = meta["shards"]
+    actors = meta.get("row_shards") or meta["shards"]
+    steps = meta["seconds"]         # Gram side: latents come with the eigenvectors; covariance side: one more pass
+    latent_steps = ("products", "eigh") + (("second_pass",) if side == "covariance" else ())
+    latent_passes = tuple(actors[0]["cpu_seconds"])[:len(latent_steps) - 1]
     shutil.rmtree(out_dir)
-    return {"seconds_to_latents": marks["components"] - t0, "seconds": total,
-            "cpu_seconds_to_latents": sum(s["cpu_seconds"]["gram_pass"] for s in shards),
-            "cpu_seconds": sum(sum(s["cpu_seconds"].values()) for s in shards),
-            "bytes_read": sum(s["bytes_read"] for s in shards), "passes": max(s["passes"] for s in shards),
-            "block": shards[0]["block"], "cached": shards[0]["cached"],
-            "planned_bytes_per_actor": max(s["planned_bytes"] for s in shards),
-            "peak_rss_per_actor": max(s["peak_rss_bytes"] for s in shards),
-            "data_rss_per_actor": max(s["peak_rss_bytes"] - s["rss_at_start_bytes"] for s in shards),
-            "actor_seconds": [s["seconds"] for s in shards], "eigenvalues": meta["eigenvalues"]}
+    return {"seconds_to_latents": sum(steps[s] for s in latent_steps), "seconds": total, "steps": steps,
+            "cpu_seconds_to_latents": sum(a["cpu_seconds"][p] for a in actors for p in latent_passes),
+            "cpu_seconds": sum(sum(a["cpu_seconds"].values()) for a in actors),
+            "bytes_read": sum(a["bytes_read"] for a in actors), "passes": max(a["passes"] for a in actors),
+            "block": actors[0]["block"], "cached": actors[0]["cached"], "k": meta["k"],
+            "planned_bytes_per_actor": max(a["planned_bytes"] for a in actors),
+            "peak_rss_per_actor": max(a["peak_rss_bytes"] for a in actors),
+            "data_rss_per_actor": max(a["peak_rss_bytes"] - a["rss_at_start_bytes"] for a in actors),
+            "actor_seconds": [a["seconds"] for a in actors], "eigenvalues": meta["eigenvalues"]}
 
 
 def _child(fn, kwargs: dict, queue) -> None:
@@ -238,8 +271,10 @@ def sklearn_run(uris, entries, k, kind) -> dict:
     from sklearn.decomposition import PCA, IncrementalPCA
     t0 = time.perf_counter()
     x, nbytes = read_matrix(uris, entries)
-    model = PCA(n_components=k, svd_solver="full") if kind == "PCA" else IncrementalPCA(n_components=k,
-                                                                                           batch_size=len(x))
+    if kind == "IncrementalPCA":
+        model = IncrementalPCA(n_components=k, batch_size=len(x))
+    else:       # "PCA": full SVD; "PCA covariance_eigh": scikit-learn's own d x d covariance path
+        model = PCA(n_components=k, svd_solver="full" if kind == "PCA" else "covariance_eigh")
     model.fit(x)
     total = time.perf_counter() - t0
     return {"seconds_to_latents": total, "seconds": total, "bytes_read": nbytes,
@@ -295,136 +330,254 @@ def plot(rows: list[dict], limits: dict, path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ---------------------------------------------------------------- the covariance side (d < n)
+
+def covariance_limits(uris: list[str], n: int, d: int, k: int, work: str) -> dict:
+    """Seconds the machine needs for each step of the covariance side, on 1 core (divide flops by cores): the
+    zoo read once, the syrk X^T X and the projections at the BLAS rates measured here, LAPACK's eigh of a
+    random d x d matrix with the same k, and the components written once."""
+    from dwf_ray.pca.dual import top_eigen
+    e = d + 1
+    read_wall, _ = timed(lambda: read_once(uris))
+    syrk_wall, _ = syrk_seconds_per_flop(min(n, max(256, (256 << 20) // (4 * e))), e, threads=1)
+    gemm_wall, _ = blas_seconds_per_flop(k, e, threads=1)
+    g = np.random.default_rng(0).standard_normal((d, d))
+    g += g.T
+    eigh_wall, _ = timed(lambda: top_eigen(g, k=k, n=n))
+    del g
+    write_wall, _ = timed(lambda: write_once(os.path.join(work, "write_test"), 4 * d * (k + 1)))
+    return {"read_once": read_wall, "products_flops": n * e * (e + 1), "syrk_seconds_per_flop": syrk_wall,
+            "latents_flops": 2 * n * e * k, "gemm_seconds_per_flop": gemm_wall, "eigh": eigh_wall,
+            "write": write_wall, "syrk_gflops_1_thread": 1e-9 / syrk_wall, "gemm_gflops_1_thread": 1e-9 / gemm_wall}
+
+
+def covariance_table(ours: dict, lim: dict, cores: int) -> dict:
+    """Per step: our wall seconds against the machine's limit on ``cores`` cores; prints and returns them."""
+    reread = 0.0 if ours["cached"] else lim["read_once"]
+    limits = {"products": lim["read_once"] + lim["products_flops"] * lim["syrk_seconds_per_flop"] / cores,
+              "eigh": lim["eigh"],
+              "second_pass": reread + lim["latents_flops"] * lim["gemm_seconds_per_flop"] / cores,
+              "write": lim["write"]}
+    print(f"{'step':12s} {'ours s':>8s} {'limit s':>8s} {'ratio':>6s}   limit from")
+    why = {"products": f"read {lim['read_once']:.1f} s + {lim['products_flops'] / 1e9:.0f} GFLOP syrk",
+           "eigh": "LAPACK alone, random d x d", "write": "4 d (k + 1) bytes written once",
+           "second_pass": f"{'' if ours['cached'] else 'read again + '}{lim['latents_flops'] / 1e9:.1f} GFLOP GEMM"}
+    for step, limit in limits.items():
+        print(f"{step:12s} {ours['steps'][step]:8.1f} {limit:8.1f} {ours['steps'][step] / limit:6.2f}   {why[step]}")
+    total = sum(limits.values())
+    print(f"{'total':12s} {ours['seconds']:8.1f} {total:8.1f} {ours['seconds'] / total:6.2f}   "
+          f"(actor start-up and the reduction count in 'products')")
+    return {"limits_seconds": limits, "ours_over_limit": {s: ours["steps"][s] / v for s, v in limits.items()}
+            | {"total": ours["seconds"] / total}}
+
+
+def covariance_main(args, layout, n: int, budget: int, work: str) -> dict:
+    """The covariance side on a synthetic zoo of n models with d < n: 2 and 1 actors, each pass against the
+    machine's limit; optionally the Gram side and scikit-learn's covariance_eigh PCA on the same zoo."""
+    d = layout.size
+    uris = write_zoo(os.path.join(work, "zoo"), layout, n, bert_like=False)
+    import ray
+    ray.init(num_cpus=2, object_store_memory=max(256 << 20, 3 * 8 * (d + 1) ** 2), include_dashboard=False,
+             log_to_driver=False)
+    result, rows = {"side": "covariance", "zoo_bytes": sum(os.path.getsize(u) for u in uris)}, []
+    for actors in (2, 1):
+        r = run_ours(uris, layout, actors, budget, args.k, os.path.join(work, f"pca{actors}"), side="covariance")
+        rows.append({"method": f"ours covariance, {actors} actor{'s' * (actors > 1)}", "cores": actors, "d": d} | r)
+        print(f"  {rows[-1]['method']}: k={r['k']}, {r['seconds']:.1f} s, steps {r['steps']}", flush=True)
+    k = rows[0]["k"]
+    if args.compare_gram:
+        r = run_ours(uris, layout, 2, budget, k, os.path.join(work, "gram"), side="gram")
+        rows.append({"method": "ours Gram side, 2 actors", "cores": 2, "d": d} | r)
+    entries = [(e.name, e.offset, e.numel) for e in layout.entries]
+    if not args.skip_baseline and (16 * n * d + 24 * d * d) <= args.sklearn_max_gib * GIB:
+        rows.append({"method": "sklearn PCA covariance_eigh", "cores": 1, "d": d}
+                    | in_child(sklearn_run, uris=uris, entries=entries, k=k, kind="PCA covariance_eigh"))
+    lim = covariance_limits(uris, n, d, k, work)
+    print(f"\nmachine: zoo ({result['zoo_bytes'] / 1e9:.2f} GB in {n:,} files) read once in {lim['read_once']:.1f} s; "
+          f"float32 syrk {lim['syrk_gflops_1_thread']:.1f} GFLOP/s, GEMM {lim['gemm_gflops_1_thread']:.1f} GFLOP/s "
+          f"on 1 thread; eigh of {d:,} x {d:,} (k={k}) {lim['eigh']:.1f} s\n")
+    for cores, ours in ((2, rows[0]), (1, rows[1])):
+        print(f"{ours['method']}:")
+        result[f"{cores}_actors"] = covariance_table(ours, lim, cores)
+    for r in rows:
+        r["zoo_param_bytes"] = 4 * n * d
+    print()
+    print_table(rows)
+    for r in rows[2:]:
+        if "error" not in r:
+            err = rel_err(r["eigenvalues"], rows[0]["eigenvalues"])
+            print(f"{r['method']}: eigenvalues max rel. err. vs ours {err:.2e}, "
+                  f"time {r['seconds'] / rows[0]['seconds']:.2f} x ours with 2 actors")
+    return result | {"machine": lim, "rows": rows, "speedup_2_actors_over_1": rows[1]["seconds"] / rows[0]["seconds"]}
+
+
+def save_result(key: str, result: dict) -> str:
+    out_dir = os.path.join(HERE, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "pca_bench.json")
+    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved[key] = result
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1, default=float)
+    return path
+
+
+def gram_contestants(args, uris: list[str], layout, n: int, k: int, budget: int, work: str) -> tuple[list, dict]:
+    """Our fit with 2 and 1 actors, the paper's algorithm, and scikit-learn with our fit on the tensors that fit
+    its memory: (table rows, {"ours2", "ours1", "paper", "subset", "sklearn"})."""
+    from dwf_ray.weights import Entry, WeightLayout
+    d, rows, named = layout.size, [], {}
+    for shards in (2, 1):
+        r = run_ours(uris, layout, shards, budget, k, os.path.join(work, f"pca{shards}"))
+        rows.append({"method": f"ours, {shards} actor{'s' * (shards > 1)}", "cores": shards, "d": d,
+                     "load_average_1min": os.getloadavg()[0]} | r)
+        named[f"ours{shards}"] = r
+        print(f"  {rows[-1]['method']}: {r['seconds_to_latents']:.1f} s to latents, {r['seconds']:.1f} s in all")
+    entries = [(e.name, e.offset, e.numel) for e in layout.entries]
+    if not args.skip_baseline:
+        block = max(1, int(2 * budget // (2 * 2 * d)))     # two float16 model blocks in our 2 actors' budget
+        named["paper"] = paper = in_child(paper_run, uris=uris, entries=entries, k=k, block=block)
+        rows.append({"method": f"paper: fp16 Gram, {block}-model blocks", "cores": 1, "d": d,
+                     "seconds": None, "load_average_1min": os.getloadavg()[0]} | paper)
+        print(f"  paper's algorithm: {paper.get('seconds_to_latents', float('nan')):.1f} s to latents")
+    # scikit-learn holds X, its centred copy, V^T and LAPACK's workspace: about 16 n d' bytes; where the
+    # whole model does not fit, it gets the tensors (in order, whole) that fit, and so does our fit
+    keep, size = [], 0
+    for e in layout.entries:
+        if 16 * n * (size + e.numel) <= args.sklearn_max_gib * GIB:
+            keep.append(Entry(e.name, e.shape, size))
+            size += e.numel
+    if size < d:
+        print(f"  scikit-learn on all {d:,} parameters needs ~{16 * n * d / GIB:.0f} GiB > "
+              f"{args.sklearn_max_gib} GiB: run on {len(keep)} of the {len(layout.entries)} tensors "
+              f"({size:,} parameters), with our fit on the same subset")
+    named["subset"] = run_ours(uris, WeightLayout(keep), 1, budget, k, os.path.join(work, "pca_subset"))
+    rows.append({"method": "ours on subset, 1 actor", "cores": 1, "d": size} | named["subset"])
+    named["sklearn"] = {}
+    for kind in ("PCA", "IncrementalPCA"):
+        named["sklearn"][kind] = r = in_child(sklearn_run, uris=uris, k=k, kind=kind,
+                                              entries=[(e.name, e.offset, e.numel) for e in keep])
+        rows.append({"method": f"sklearn {kind} on subset", "cores": 1, "d": size, "load_average_1min":
+                     os.getloadavg()[0]} | r)
+    return rows, named
+
+
+def gram_limits(read: tuple, write: tuple, spf: tuple, n: int, k: int, d: int) -> dict:
+    """The Gram side's limits: the zoo read once plus 2 n^2 d flops (to latents), and with the components' 2 n k d
+    flops and the d x k floats written once (total); wall clock on 1 and 2 cores and CPU time."""
+    (read_wall, read_cpu), (write_wall, write_cpu), (spf_wall, spf_cpu) = read, write, spf
+    gram_flops, comp_flops = 2 * n * n * d, 2 * n * k * d
+    limits = {"cpu_to_latents": read_cpu + gram_flops * spf_cpu,
+              "cpu_total": read_cpu + (gram_flops + comp_flops) * spf_cpu + write_cpu}
+    for cores in (1, 2):
+        limits[f"wall_to_latents_{cores}_cores"] = read_wall + gram_flops * spf_wall / cores
+        limits[f"wall_total_{cores}_cores"] = read_wall + (gram_flops + comp_flops) * spf_wall / cores + write_wall
+    return limits
+
+
+def gram_ratios(named: dict, lim: dict, n: int, d: int, budget: int) -> dict:
+    ours2, ours1, paper, subset = named["ours2"], named["ours1"], named.get("paper"), named["subset"]
+    ratios = {"ours_2_actors_to_latents_over_limit": ours2["seconds_to_latents"] / lim["wall_to_latents_2_cores"],
+              "ours_2_actors_total_over_limit_with_components": ours2["seconds"] / lim["wall_total_2_cores"],
+              "ours_1_actor_to_latents_over_limit": ours1["seconds_to_latents"] / lim["wall_to_latents_1_cores"],
+              "ours_1_actor_total_over_limit_with_components": ours1["seconds"] / lim["wall_total_1_cores"],
+              "ours_2_actors_cpu_to_latents_over_limit": ours2["cpu_seconds_to_latents"] / lim["cpu_to_latents"],
+              "ours_2_actors_cpu_total_over_limit": ours2["cpu_seconds"] / lim["cpu_total"],
+              "speedup_2_actors_over_1": ours1["seconds"] / ours2["seconds"],
+              "ours_bytes_read_passes": ours2["bytes_read"] / (4 * n * d),
+              "ours_peak_data_rss_over_budget": ours2["data_rss_per_actor"] / budget,
+              "ours_peak_rss_over_budget": ours2["peak_rss_per_actor"] / budget}
+    if paper and "error" not in paper:
+        t_paper = paper["seconds_to_latents"]
+        ratios |= {"speedup_vs_paper_to_latents_same_core": t_paper / ours1["seconds_to_latents"],
+                   "speedup_vs_paper_to_latents_2_actors": t_paper / ours2["seconds_to_latents"],
+                   "speedup_vs_paper_cpu_time": paper["cpu_seconds_to_latents"] / ours1["cpu_seconds_to_latents"],
+                   "paper_top10_eigenvalue_max_rel_err_vs_ours": rel_err(paper["eigenvalues"][:10],
+                                                                         ours2["eigenvalues"][:10]),
+                   "paper_eigenvalue_max_rel_err_vs_ours": rel_err(paper["eigenvalues"], ours2["eigenvalues"])}
+    for kind, r in named["sklearn"].items():
+        if "error" not in r:
+            ratios[f"speedup_vs_sklearn_{kind}_on_subset_same_core"] = r["seconds"] / subset["seconds"]
+            ratios[f"sklearn_{kind}_eigenvalue_max_rel_err_vs_ours"] = rel_err(subset["eigenvalues"],
+                                                                               r["eigenvalues"])
+    return ratios
+
+
+def gram_main(args, layout, n: int, budget: int, work: str) -> dict:
+    """The dual fit (Gram side) on a synthetic zoo, against the machine's limit, the paper and scikit-learn."""
+    d = layout.size
+    k = args.k or n - 1
+    result = {"k": k}
+    print(f"{args.arch}: n={n} models, d={d:,} parameters, k={k}; zoo of {4 * n * d / 1e9:.1f} GB in {work}")
+    t0 = time.perf_counter()
+    uris = write_zoo(os.path.join(work, "zoo"), layout, n, args.arch.startswith("bert"))
+    print(f"zoo written in {time.perf_counter() - t0:.0f} s")
+    zoo_bytes = sum(os.path.getsize(u) for u in uris)
+    # the machine's limits, wall clock for 1 and 2 cores and CPU time (robust to a shared machine)
+    read = timed(lambda: read_once(uris))
+    write = timed(lambda: write_once(os.path.join(work, "write_test"), 4 * k * d))
+    spf = blas_seconds_per_flop(n, min(d, 1 << 20), threads=1)
+    spf_wall_2, _ = blas_seconds_per_flop(n, min(d, 1 << 20), threads=2)
+    print(f"machine: zoo read once in {read[0]:.1f} s ({zoo_bytes / read[0] / 1e9:.2f} GB/s), components "
+          f"({4 * k * d / 1e9:.1f} GB) written once in {write[0]:.1f} s, float32 BLAS "
+          f"{1e-9 / spf[0]:.1f} GFLOP/s on 1 thread ({1e-9 / spf_wall_2:.1f} on 2)")
+    import ray
+    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
+    rows, named = gram_contestants(args, uris, layout, n, k, budget, work)
+    spf_end = blas_seconds_per_flop(n, min(d, 1 << 20), threads=1)
+    spf = (min(spf[0], spf_end[0]), min(spf[1], spf_end[1]))
+    limits = gram_limits(read, write, spf, n, k, d)
+    result |= {"zoo_bytes": zoo_bytes, "read_once_seconds": read[0], "read_GBps": zoo_bytes / read[0] / 1e9,
+               "write_components_once_seconds": write[0], "blas_gflops_1_thread": 1e-9 / spf[0],
+               "blas_gflops_1_thread_cpu_time": 1e-9 / spf[1], "blas_gflops_2_threads": 1e-9 / spf_wall_2,
+               "limits_seconds": limits}
+    print(f"\nlimit (best BLAS rate {1e-9 / spf[0]:.1f} GFLOP/s per core): to latents "
+          f"{limits['wall_to_latents_2_cores']:.1f} s on 2 cores, {limits['wall_to_latents_1_cores']:.1f} s on 1; "
+          f"with components {limits['wall_total_2_cores']:.1f} s on 2 cores")
+    for r in rows:
+        r["zoo_param_bytes"] = 4 * n * r["d"]
+    print()
+    print_table(rows)
+    ratios = gram_ratios(named, limits, n, d, budget)
+    print()
+    for key, v in ratios.items():
+        print(f"{key:52s} {v:8.3f}")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    plot(rows, limits, os.path.join(HERE, "results", f"pca_bench_{args.arch}_n{n}.png"),
+         f"dual PCA, n={n}, d={d / 1e6:.1f}M, k={k}")
+    return result | {"rows": rows, "ratios": ratios}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet18")
-    ap.add_argument("--n", type=int, default=100, help="models in the zoo")
-    ap.add_argument("--k", type=int, default=None, help="components (default n - 1)")
-    ap.add_argument("--budget-gib", type=float, default=1.0, help="memory budget of one GramShard actor")
+    ap.add_argument("--n", type=int, default=None, help="models in the zoo (default 100; covariance side 10,000)")
+    ap.add_argument("--k", type=int, default=None,
+                    help="components (default n - 1; covariance side: pca.variance_target capped by pca.max_k)")
+    ap.add_argument("--budget-gib", type=float, default=1.0, help="memory budget of one shard actor")
     ap.add_argument("--sklearn-max-gib", type=float, default=3.0, help="memory scikit-learn may use")
     ap.add_argument("--workdir", default=None, help="folder for the zoo (default: a temporary folder)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--side", choices=("gram", "covariance"), default="gram",
+                    help="covariance: the row-shard fit for zoos of many small models (default --n 10000)")
+    ap.add_argument("--compare-gram", action="store_true", help="covariance mode: also fit the Gram side")
     args = ap.parse_args()
 
     layout = make_layout(ARCHS[args.arch]())
-    n, d = args.n, layout.size
-    k = args.k or n - 1
+    n, d = args.n or (10_000 if args.side == "covariance" else 100), layout.size
     budget = int(args.budget_gib * GIB)
     work = os.path.join(args.workdir or tempfile.gettempdir(), f"pca_bench-{uuid.uuid4().hex[:8]}")
-    result = {"arch": args.arch, "n": n, "d": d, "k": k, "budget_bytes_per_actor": budget,
+    result = {"arch": args.arch, "n": n, "d": d, "budget_bytes_per_actor": budget,
               "load_average_start": os.getloadavg()}
-    print(f"{args.arch}: n={n} models, d={d:,} parameters, k={k}; zoo of {4 * n * d / 1e9:.1f} GB in {work}")
     try:
-        t0 = time.perf_counter()
-        uris = write_zoo(os.path.join(work, "zoo"), layout, n, args.arch.startswith("bert"))
-        print(f"zoo written in {time.perf_counter() - t0:.0f} s")
-        zoo_bytes = sum(os.path.getsize(u) for u in uris)
-
-        # the machine's limits, wall clock for 1 and 2 cores and CPU time (robust to a shared machine)
-        read_wall, read_cpu = timed(lambda: read_once(uris))
-        write_wall, write_cpu = timed(lambda: write_once(os.path.join(work, "write_test"), 4 * k * d))
-        spf_wall, spf_cpu = blas_seconds_per_flop(n, min(d, 1 << 20), threads=1)
-        spf_wall_2, _ = blas_seconds_per_flop(n, min(d, 1 << 20), threads=2)
-        print(f"machine: zoo read once in {read_wall:.1f} s ({zoo_bytes / read_wall / 1e9:.2f} GB/s), components "
-              f"({4 * k * d / 1e9:.1f} GB) written once in {write_wall:.1f} s, float32 BLAS "
-              f"{1e-9 / spf_wall:.1f} GFLOP/s on 1 thread ({1e-9 / spf_wall_2:.1f} on 2)")
-
-        import ray
-        ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
-        rows = []
-        for shards in (2, 1):
-            r = run_ours(uris, layout, shards, budget, k, os.path.join(work, f"pca{shards}"))
-            rows.append({"method": f"ours, {shards} actor{'s' * (shards > 1)}", "cores": shards, "d": d,
-                         "load_average_1min": os.getloadavg()[0]} | r)
-            print(f"  {rows[-1]['method']}: {r['seconds_to_latents']:.1f} s to latents, {r['seconds']:.1f} s in all")
-        ours2, ours1 = rows
-        entries = [(e.name, e.offset, e.numel) for e in layout.entries]
-        paper = None
-        if not args.skip_baseline:
-            block = max(1, int(2 * budget // (2 * 2 * d)))     # two float16 model blocks in our 2 actors' budget
-            paper = in_child(paper_run, uris=uris, entries=entries, k=k, block=block)
-            rows.append({"method": f"paper: fp16 Gram, {block}-model blocks", "cores": 1, "d": d,
-                         "seconds": None, "load_average_1min": os.getloadavg()[0]} | paper)
-            print(f"  paper's algorithm: {paper.get('seconds_to_latents', float('nan')):.1f} s to latents")
-
-        # scikit-learn holds X, its centred copy, V^T and LAPACK's workspace: about 16 n d' bytes; where the
-        # whole model does not fit, it gets the tensors (in order, whole) that fit, and so does our fit
-        from dwf_ray.weights import Entry, WeightLayout
-        keep, size = [], 0
-        for e in layout.entries:
-            if 16 * n * (size + e.numel) <= args.sklearn_max_gib * GIB:
-                keep.append(Entry(e.name, e.shape, size))
-                size += e.numel
-        if size < d:
-            print(f"  scikit-learn on all {d:,} parameters needs ~{16 * n * d / GIB:.0f} GiB > "
-                  f"{args.sklearn_max_gib} GiB: run on {len(keep)} of the {len(layout.entries)} tensors "
-                  f"({size:,} parameters), with our fit on the same subset")
-        subset = run_ours(uris, WeightLayout(keep), 1, budget, k, os.path.join(work, "pca_subset"))
-        rows.append({"method": "ours on subset, 1 actor", "cores": 1, "d": size} | subset)
-        sk = {}
-        for kind in ("PCA", "IncrementalPCA"):
-            sk[kind] = in_child(sklearn_run, uris=uris, entries=[(e.name, e.offset, e.numel) for e in keep], k=k,
-                                kind=kind)
-            rows.append({"method": f"sklearn {kind} on subset", "cores": 1, "d": size, "load_average_1min":
-                         os.getloadavg()[0]} | sk[kind])
-
-        spf_wall_end, spf_cpu_end = blas_seconds_per_flop(n, min(d, 1 << 20), threads=1)
-        spf_wall, spf_cpu = min(spf_wall, spf_wall_end), min(spf_cpu, spf_cpu_end)
-        gram_flops, comp_flops = 2 * n * n * d, 2 * n * k * d
-        limits = {"cpu_to_latents": read_cpu + gram_flops * spf_cpu,
-                  "cpu_total": read_cpu + (gram_flops + comp_flops) * spf_cpu + write_cpu}
-        for cores in (1, 2):
-            limits[f"wall_to_latents_{cores}_cores"] = read_wall + gram_flops * spf_wall / cores
-            limits[f"wall_total_{cores}_cores"] = read_wall + (gram_flops + comp_flops) * spf_wall / cores + write_wall
-        result |= {"zoo_bytes": zoo_bytes, "read_once_seconds": read_wall, "read_GBps": zoo_bytes / read_wall / 1e9,
-                   "write_components_once_seconds": write_wall, "blas_gflops_1_thread": 1e-9 / spf_wall,
-                   "blas_gflops_1_thread_cpu_time": 1e-9 / spf_cpu, "blas_gflops_2_threads": 1e-9 / spf_wall_2,
-                   "limits_seconds": limits}
-        print(f"\nlimit (best BLAS rate {1e-9 / spf_wall:.1f} GFLOP/s per core): to latents "
-              f"{limits['wall_to_latents_2_cores']:.1f} s on 2 cores, {limits['wall_to_latents_1_cores']:.1f} s on 1; "
-              f"with components {limits['wall_total_2_cores']:.1f} s on 2 cores")
-        for r in rows:
-            r["zoo_param_bytes"] = 4 * n * r["d"]
-        print()
-        print_table(rows)
-        lim = limits
-        ratios = {"ours_2_actors_to_latents_over_limit": ours2["seconds_to_latents"] / lim["wall_to_latents_2_cores"],
-                  "ours_2_actors_total_over_limit_with_components": ours2["seconds"] / lim["wall_total_2_cores"],
-                  "ours_1_actor_to_latents_over_limit": ours1["seconds_to_latents"] / lim["wall_to_latents_1_cores"],
-                  "ours_1_actor_total_over_limit_with_components": ours1["seconds"] / lim["wall_total_1_cores"],
-                  "ours_2_actors_cpu_to_latents_over_limit": ours2["cpu_seconds_to_latents"] / lim["cpu_to_latents"],
-                  "ours_2_actors_cpu_total_over_limit": ours2["cpu_seconds"] / lim["cpu_total"],
-                  "speedup_2_actors_over_1": ours1["seconds"] / ours2["seconds"],
-                  "ours_bytes_read_passes": ours2["bytes_read"] / (4 * n * d),
-                  "ours_peak_data_rss_over_budget": ours2["data_rss_per_actor"] / budget,
-                  "ours_peak_rss_over_budget": ours2["peak_rss_per_actor"] / budget}
-        if paper and "error" not in paper:
-            t_paper = paper["seconds_to_latents"]
-            ratios |= {"speedup_vs_paper_to_latents_same_core": t_paper / ours1["seconds_to_latents"],
-                       "speedup_vs_paper_to_latents_2_actors": t_paper / ours2["seconds_to_latents"],
-                       "speedup_vs_paper_cpu_time": paper["cpu_seconds_to_latents"] / ours1["cpu_seconds_to_latents"],
-                       "paper_top10_eigenvalue_max_rel_err_vs_ours": rel_err(paper["eigenvalues"][:10],
-                                                                             ours2["eigenvalues"][:10]),
-                       "paper_eigenvalue_max_rel_err_vs_ours": rel_err(paper["eigenvalues"], ours2["eigenvalues"])}
-        for kind, r in sk.items():
-            if "error" not in r:
-                ratios[f"speedup_vs_sklearn_{kind}_on_subset_same_core"] = r["seconds"] / subset["seconds"]
-                ratios[f"sklearn_{kind}_eigenvalue_max_rel_err_vs_ours"] = rel_err(subset["eigenvalues"],
-                                                                                   r["eigenvalues"])
-        print()
-        for key, v in ratios.items():
-            print(f"{key:52s} {v:8.3f}")
-        result |= {"rows": rows, "ratios": ratios, "load_average_end": os.getloadavg()}
-        out_dir = os.path.join(HERE, "results")
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "pca_bench.json")
-        saved = json.load(open(path)) if os.path.exists(path) else {}
-        saved[f"{args.arch}_n{n}"] = result
-        with open(path, "w") as f:
-            json.dump(saved, f, indent=1, default=float)
-        plot(rows, limits, os.path.join(out_dir, f"pca_bench_{args.arch}_n{n}.png"),
-             f"dual PCA, n={n}, d={d / 1e6:.1f}M, k={k}")
-        print(f"\nwrote {path}")
+        if args.side == "covariance":
+            print(f"{args.arch}: n={n:,} models, d={d:,} parameters, covariance side; zoo in {work}")
+            result |= covariance_main(args, layout, n, budget, work)
+        else:
+            result |= gram_main(args, layout, n, budget, work)
+        result["load_average_end"] = os.getloadavg()
+        key = f"{args.arch}_n{n}" + ("_covariance" if args.side == "covariance" else "")
+        print(f"\nwrote {save_result(key, result)}")
     finally:
         if "ray" in sys.modules:
             sys.modules["ray"].shutdown()

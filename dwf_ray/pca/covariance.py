@@ -12,11 +12,12 @@ from dwf_ray.pca.dual import Eigen, latent_signs, top_eigen
 
 def centre_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """From the summed (d + 1, d + 1) [Y, 1]^T [Y, 1] of shifted rows Y: (mean of Y (d,), the centred
-    C = Y^T Y - n mu mu^T (d, d), n). C is the top-left block of ``sums``, updated in place."""
+    C = Y^T Y - n mu mu^T (d, d), n). C is the top-left block of ``sums``, updated in place when it may be
+    (one actor's result straight from Ray's object store is read-only)."""
     d = len(sums) - 1
     n = int(round(sums[d, d]))
     mu = sums[:d, d] / n
-    c = sums[:d, :d]
+    c = sums[:d, :d] if sums.flags.writeable else np.array(sums[:d, :d])
     for a in range(0, d, 1024):     # the rank-one update in row blocks: no second d x d array
         c[a:a + 1024] -= np.outer(n * mu[a:a + 1024], mu)
     return mu, c, n

@@ -58,12 +58,20 @@ def choose_k(values: np.ndarray, total: float, n: int, k: int | None = None,
 def top_eigen(centred: np.ndarray, k: int | None = None, variance_target: float | None = None,
               max_k: int | None = None, n: int | None = None) -> Eigen:
     """Exact ``eigh`` of a centred Gram matrix (n defaults to its size) or of a centred d x d covariance of
-    n models; k by ``choose_k``."""
-    n = len(centred) if n is None else n
-    vals, vecs = np.linalg.eigh(centred)
+    n models; k by ``choose_k``. When at most k (or max_k) of m eigenpairs can be kept and that is under m / 2,
+    only those are computed (LAPACK's MRRR on a subset: the reduction to tridiagonal form, about a third of a
+    full ``eigh``); the trace gives the total variance either way."""
+    n, m = len(centred) if n is None else n, len(centred)
+    total = float(np.trace(centred))
+    most = k or max_k
+    if most is not None and most < m // 2:
+        import scipy.linalg
+        vals, vecs = scipy.linalg.eigh(centred, subset_by_index=[m - most, m - 1], driver="evr")
+    else:
+        vals, vecs = np.linalg.eigh(centred)
     vals, vecs = vals[::-1], vecs[:, ::-1]
-    k = choose_k(vals, float(np.trace(centred)), n, k, variance_target, max_k)
-    return Eigen(vals[:k].copy(), np.ascontiguousarray(vecs[:, :k]), float(np.trace(centred)), n)
+    k = choose_k(vals, total, n, k, variance_target, max_k)
+    return Eigen(vals[:k].copy(), np.ascontiguousarray(vecs[:, :k]), total, n)
 
 
 def latent_signs(z: np.ndarray) -> np.ndarray:
@@ -95,7 +103,8 @@ def latents(eig: Eigen) -> np.ndarray:
     return eig.vectors * np.sqrt(eig.values)
 
 
-def dual_pca(x: np.ndarray, k: int | None = None, variance_target: float | None = None, max_k: int | None = None):
+def dual_pca(x: np.ndarray, k: int | None = None, variance_target: float | None = None,
+             max_k: int | None = None):
     """Single-process reference: (mean, components (d, k), latents (n, k), Eigen), signs by ``latent_signs``."""
     x64 = np.asarray(x, dtype=np.float64)
     mean = x64.mean(axis=0)

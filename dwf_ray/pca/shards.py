@@ -10,6 +10,7 @@ range of models; the driver sums their d x d products, solves the d x d problem,
 from __future__ import annotations
 
 import io
+import time
 from contextlib import contextmanager
 from typing import Callable
 
@@ -60,6 +61,18 @@ def _sum_as_ready(refs: list, desc: str) -> np.ndarray:
     return total
 
 
+class _Clock:
+    """Wall seconds of each step of a fit, as the driver sees them (meta.json "seconds")."""
+
+    def __init__(self):
+        self.last, self.seconds = time.perf_counter(), {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self.last, 3)
+        self.last = now
+
+
 @contextmanager
 def _actors(cls, cfg: PCAConfig, args: list[tuple]):
     """One actor of ``cls`` per argument tuple (restarted up to ``cfg.max_restarts`` times); killed on exit."""
@@ -76,6 +89,7 @@ def _actors(cls, cfg: PCAConfig, args: list[tuple]):
 def _fit_gram(sources: list, n: int, d: int, cfg: PCAConfig, engine: str, out_dir: str, on_stage: Callable):
     """Column slices: partial Gram matrices, eigh of the n x n matrix, components written by the actors."""
     sources_ref = ray.put(sources)      # held here for the whole fit, so that a restarted actor finds it
+    clock = _Clock()
     ranges = shard_ranges(d, cfg.n_shards)
     plans = [plan_blocks(n, b - a, cfg.memory_budget_bytes, cfg.compute_dtype, engine) for a, b in ranges]
     threads = max(1, int(cfg.shard_cpus))
@@ -83,13 +97,16 @@ def _fit_gram(sources: list, n: int, d: int, cfg: PCAConfig, engine: str, out_di
                                   for (a, b), plan in zip(ranges, plans)]) as actors:
         on_stage("gram", actors)
         gram = _sum_as_ready([a.gram.remote() for a in actors], "pca: partial Gram matrices")
+        clock.lap("products")
         eig = oriented(top_eigen(centre_gram(gram), cfg.k, cfg.variance_target, cfg.max_k))
+        clock.lap("eigh")
         on_stage("components", actors)
         files = [f"shard_{i:03d}.safetensors" for i in range(len(actors))]   # relative to out_dir
         weights = component_weights(eig)
         ray.get([a.components.remote(weights, store.join(out_dir, f)) for a, f in zip(actors, files)])
+        clock.lap("second_pass")
         stats = ray.get([a.stats.remote() for a in actors])
-    return eig, latents(eig), {"shards": [s | {"file": f} for s, f in zip(stats, files)]}
+    return eig, latents(eig), {"shards": [s | {"file": f} for s, f in zip(stats, files)], "seconds": clock.seconds}
 
 
 def _fit_covariance(sources: list, n: int, d: int, cfg: PCAConfig, engine: str, out_dir: str,
@@ -97,6 +114,7 @@ def _fit_covariance(sources: list, n: int, d: int, cfg: PCAConfig, engine: str, 
     """Row ranges: partial (d + 1)^2 products, eigh of the d x d covariance, latents projected by the actors,
     components written here."""
     sources_ref = ray.put(sources)      # held here for the whole fit, so that a restarted actor finds it
+    clock = _Clock()
     shift = np.empty(d, dtype=np.float32)
     sources[0].read(0, d, shift)        # model 0: the float32 products then carry the zoo's spread, not its mean
     ranges = shard_ranges(n, cfg.n_shards)
@@ -106,11 +124,14 @@ def _fit_covariance(sources: list, n: int, d: int, cfg: PCAConfig, engine: str, 
                                   threads) for (a, b), plan in zip(ranges, plans)]) as actors:
         on_stage("covariance", actors)
         sums = _sum_as_ready([a.products.remote() for a in actors], "pca: partial covariance products")
+        clock.lap("products")
         mu, eig = covariance_eigen(sums, cfg.k, cfg.variance_target, cfg.max_k)
         del sums
+        clock.lap("eigh")
         on_stage("latents", actors)
         weights = projection_weights(eig, mu)
         z = np.concatenate(ray.get([a.latents.remote(weights) for a in actors]))
+        clock.lap("second_pass")
         stats = ray.get([a.stats.remote() for a in actors])
     eig, z = orient(eig, z)
     mean = (shift + mu).astype(np.float32)
@@ -119,7 +140,8 @@ def _fit_covariance(sources: list, n: int, d: int, cfg: PCAConfig, engine: str, 
         shards.append({"start": a, "stop": b, "file": f"shard_{i:03d}.safetensors"})
         with write_shard(store.join(out_dir, shards[-1]["file"]), a, b, len(eig.values)) as put:
             put(np.hstack([mean[a:b, None], eig.vectors[a:b]]).astype(np.float32))
-    return eig, z, {"shards": shards, "row_shards": stats}
+    clock.lap("write")
+    return eig, z, {"shards": shards, "row_shards": stats, "seconds": clock.seconds}
 
 
 def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLayout, cfg: PCAConfig,
