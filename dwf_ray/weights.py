@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 
@@ -106,10 +107,17 @@ def _parse_header(raw: bytes, uri: str) -> tuple[dict, int]:
 
 
 def _decode_header(raw: bytes, uri: str) -> dict:
+    """The JSON header: an object of tensor entries and an optional ``__metadata__`` object of strings."""
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{uri}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{uri}: corrupt safetensors header (__metadata__ must map names to strings)")
+    return header
 
 
 def read_header(uri: str) -> tuple[dict, int]:
@@ -142,7 +150,11 @@ def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if len(raw) < data_start:
         raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} bytes, header alone needs {data_start})")
     header = _decode_header(raw[8:data_start], uri)
-    size = data_start + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        size = data_start + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                                default=0)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise CheckpointError(f"{uri}: corrupt safetensors header (a tensor entry without data_offsets)") from exc
     if len(raw) < size:
         raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} of {size} bytes)")
     try:
@@ -171,12 +183,24 @@ def _load_sharded(raw: bytes, uri: str) -> tuple[dict[str, np.ndarray], dict[str
     return tensors, meta
 
 
-def _load_torch(raw: bytes, uri: str) -> dict[str, np.ndarray]:
+def torch_load_data(raw: bytes, uri: str):
+    """``torch.load(weights_only=True)`` of a file's bytes: tensors, containers and numbers only, nothing in the
+    file runs. A refusal or a bad file is one CheckpointError line naming the file (and the global it asked for)."""
     import io
     try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{uri}: unreadable PyTorch checkpoint ({exc})") from exc
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many error types for bad files; its messages span several lines
+        asked = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if asked:
+            raise CheckpointError(f"{uri}: refused: the file asks for the Python global {asked[1]}, which a "
+                                  f"checkpoint of tensors never needs (read with torch.load(weights_only=True); "
+                                  f"nothing in it was run)") from exc
+        reason = (str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{uri}: unreadable PyTorch checkpoint ({type(exc).__name__}: {reason})") from exc
+
+
+def _load_torch(raw: bytes, uri: str) -> dict[str, np.ndarray]:
+    obj = torch_load_data(raw, uri)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -210,7 +234,11 @@ def load_model_state(uri: str, arch: ArchSpec | None = None) -> tuple[dict[str, 
     if arch is None:
         if "arch" not in meta:
             raise CheckpointError(f"{uri}: no ArchSpec in the checkpoint metadata; pass one explicitly")
-        arch = ArchSpec.from_json(meta["arch"])
+        try:
+            arch = ArchSpec.from_json(meta["arch"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{uri}: the ArchSpec in its metadata is not an object with a family and "
+                                  f"args ({type(exc).__name__}: {exc})") from exc
     return validate_state(tensors, ArchSpec.parse(arch), uri), ArchSpec.parse(arch)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import pickle
 
@@ -30,6 +31,11 @@ def fetch(uri: str) -> bytes:
     return store.read_bytes(cache)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (library messages may span several)."""
+    return " ".join(str(exc).split())
+
+
 def find_folder(data_root: str | None, dataset: str, folder: str, required: list[str]) -> str:
     """``data_root/folder`` (torchvision's layout) or ``data_root`` itself, whichever holds the required files."""
     if not data_root:
@@ -41,14 +47,69 @@ def find_folder(data_root: str | None, dataset: str, folder: str, required: list
                             f"or {data_root} (torchvision's on-disk format; nothing is downloaded)")
 
 
-# -- CIFAR-10 (python pickle batches) ------------------------------------------------------------------
-def _cifar_batch(uri: str) -> tuple[np.ndarray, np.ndarray]:
+# -- CIFAR-10 (python pickle batches, read by an unpickler that admits data only) ---------------------------
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 writes bytes into a protocol-2 pickle, for that encoding only."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"asks for _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _batch_globals() -> dict[tuple[str, str], object]:
+    """The only globals a CIFAR batch refers to: numpy's array reconstruction (numpy 1.x and 2.x module names,
+    pickle protocols 2 to 5), numpy.ndarray, numpy.dtype, and the bytes of a protocol-2 pickle written by
+    Python 3. Everything else in a batch (dict, list, str, bytes, int) needs no global."""
+    from numpy._core import multiarray, numeric
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                              ("_codecs", "encode"): _latin1_bytes}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that data never needs (a function or class that could run code)."""
+
+
+class UnsafeFile(PermissionError, ValueError):
+    """A file refused because reading it could run code. A PermissionError, so that ``dwf`` reports it as one
+    line (exit code 2) as it does access denied; a ValueError, as every bad input file."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Admits the globals of ``_batch_globals`` only; any other is refused before it is looked up."""
+    allowed = _batch_globals()
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.allowed:
+            raise RefusedGlobal(f"{module}.{name}")
+        return self.allowed[(module, name)]
+
+
+def load_pickled_batch(raw: bytes, uri: str) -> dict:
+    """A dataset batch pickled as a dict of numpy arrays, lists, strings and numbers (CIFAR-10/100's python
+    layout); keys as str. A pickle that asks for anything else is refused with one line naming the file and
+    the global, and nothing in it runs."""
     try:
-        d = pickle.loads(fetch(uri), encoding="latin1")
+        obj = _BatchUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except RefusedGlobal as exc:
+        raise UnsafeFile(f"{uri}: refused: the pickle asks for the Python global {exc}, and a dataset batch holds "
+                         f"only numpy arrays, lists, strings and numbers (nothing in it was run)") from exc
+    except Exception as exc:  # a malformed pickle raises many error types; each is a bad file
+        raise ValueError(f"{uri}: not a CIFAR-10 python batch ({type(exc).__name__}: {one_line(exc)})") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{uri}: not a CIFAR-10 python batch (a pickled {type(obj).__name__}, not a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_batch(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    d = load_pickled_batch(fetch(uri), uri)
+    try:
         x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(d["labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
-        raise ValueError(f"{uri}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
+        y = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{uri}: not a CIFAR-10 python batch ({type(exc).__name__}: {one_line(exc)})") from exc
     if len(x) != len(y):
         raise ValueError(f"{uri}: {len(x)} images but {len(y)} labels")
     return x, y

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dwf_ray import store
+from dwf_ray.data.folders import one_line
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]   # ids 0, 1, 2, 3
 
@@ -98,7 +99,7 @@ def read_parquet_texts(uris: list[str], text_column: str = "text", label_column:
         try:
             table = store.read_table(uri)
         except Exception as exc:  # pyarrow raises several error types for bad files
-            raise ValueError(f"{uri}: not a readable Parquet file ({exc})") from exc
+            raise ValueError(f"{uri}: not a readable Parquet file ({one_line(exc)})") from exc
         missing = [c for c in (text_column, label_column) if c not in table.columns]
         if missing:
             raise ValueError(f"{uri}: missing column(s) {missing}; columns are {list(table.columns)}")
@@ -140,7 +141,7 @@ def load_tokenizer(uri: str, max_len: int):
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{uri}: tokenizer file not found") from exc
     except Exception as exc:
-        raise ValueError(f"{uri}: not a tokenizers JSON file ({exc})") from exc
+        raise ValueError(f"{uri}: not a tokenizers JSON file ({one_line(exc)})") from exc
     try:
         return _finish(tok, max_len)
     except ValueError as exc:
