@@ -29,6 +29,7 @@ from ray import serve
 
 from dwf_ray import store
 from dwf_ray.serve.config import AppArgs, ServeConfig
+from dwf_ray.serve.quota import QuotaExceeded, ServedQuota, uri_bytes_bound
 from dwf_ray.serve.wire import CHUNK_BYTES, SOLVERS, SampleRequest, encode_header, max_models, stream_safetensors
 
 TOKEN_ENV = "DWF_SERVE_TOKEN"
@@ -39,11 +40,14 @@ OCTET = "application/octet-stream"
 
 
 class ApiError(Exception):
-    """A request the service refuses: HTTP status, the field at fault (or None) and a message."""
+    """A request the service refuses: HTTP status, the field at fault (or None), a message, and for refusals a
+    client acts on by kind a ``code`` with the numbers behind it (``details``)."""
 
-    def __init__(self, status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None):
+    def __init__(self, status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None,
+                 code: Optional[str] = None, details: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.field, self.headers = status, message, field, headers
+        self.code, self.details = code, details or {}
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,8 @@ def _route_path(scope) -> str:
 
 def _error_response(err: ApiError):
     from fastapi.responses import JSONResponse
-    return JSONResponse({"status": err.status, "field": err.field, "error": err.message},
-                        status_code=err.status, headers=err.headers)
+    return JSONResponse({"status": err.status, "field": err.field, "error": err.message, "code": err.code}
+                        | err.details, status_code=err.status, headers=err.headers)
 
 
 def _validation_error(exc) -> ApiError:
@@ -153,6 +157,7 @@ class SampleService:
                          "temperature": float(sample.get("temperature", 1.0)), "guidance": 1.0}
         self.info = self._build_info(run_cfg, _read_optional_json(store.join(root, "report", "metrics.json")))
         self._last_solve_s = 0.0
+        self.quota = ServedQuota(store.join(root, SERVED), self.cfg.max_served_bytes)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -183,7 +188,8 @@ class SampleService:
                        "seed": [0, 2 ** 63 - 1], "max_response_bytes": c.max_response_bytes,
                        "max_batch_size": c.max_batch_size, "batch_wait_timeout_s": c.batch_wait_timeout_s,
                        "max_ongoing_requests": c.max_ongoing_requests,
-                       "max_queued_requests": c.max_queued_requests, "retry_after_s": c.retry_after_s},
+                       "max_queued_requests": c.max_queued_requests, "retry_after_s": c.retry_after_s,
+                       "max_served_bytes": c.max_served_bytes},
             "auth": self.digest is not None,
         }
 
@@ -264,6 +270,8 @@ class SampleService:
     async def sample(self, req: SampleRequest):
         from fastapi.responses import JSONResponse, Response, StreamingResponse
         job = self.job(req)
+        if req.format == "uri":   # refused before the solve too; the write checks again under the lock
+            await asyncio.to_thread(self.quota.check, self._uri_bytes(job))
         result = await self._batched(job)
         if isinstance(result, Exception):
             raise ApiError(500, f"sampling failed: {type(result).__name__}: {result}")
@@ -292,10 +300,15 @@ class SampleService:
         headers["Content-Length"] = str(len(header) + flat.nbytes)
         return StreamingResponse(body(), media_type=OCTET, headers=headers)
 
+    def _uri_bytes(self, job: Job) -> int:
+        """An upper bound of what ``job`` writes with format=uri."""
+        return uri_bytes_bound(job.n, self.layouts[job.label], self.gen.arch(job.label), self.quota.served)
+
     def _write_uris(self, flat: np.ndarray, job: Job, meta: dict) -> dict:
         out_dir = store.join(self.root, SERVED, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-        manifest = self.gen.write(out_dir, flat, job.label)
-        store.write_json(store.join(out_dir, "request.json"), meta)
+        with self.quota.admit(self._uri_bytes(job)):
+            manifest = self.gen.write(out_dir, flat, job.label)
+            store.write_json(store.join(out_dir, "request.json"), meta)
         return {"uris": [str(u) for u in manifest["uri"]], "manifest": store.join(out_dir, "manifest.parquet"),
                 "dir": out_dir, "n": job.n, "seed": job.seed, "temperature": job.temperature,
                 "arch": meta["arch"]}
@@ -312,6 +325,10 @@ class SampleService:
         @api.exception_handler(ApiError)
         async def _api_error(_: Request, exc: ApiError):
             return _error_response(exc)
+
+        @api.exception_handler(QuotaExceeded)
+        async def _quota(_: Request, exc: QuotaExceeded):
+            return _error_response(_quota_error(exc))
 
         @api.exception_handler(RequestValidationError)
         async def _invalid(_: Request, exc: RequestValidationError):
@@ -338,6 +355,12 @@ class SampleService:
             return {"status": "ok"}
 
         return api
+
+
+def _quota_error(exc: QuotaExceeded) -> ApiError:
+    """507 Insufficient Storage, code quota_exceeded, with the bytes used, needed and allowed."""
+    return ApiError(507, str(exc), "format", code="quota_exceeded",
+                    details={"used_bytes": exc.used, "request_bytes": exc.need, "quota_bytes": exc.quota})
 
 
 def _read_optional_json(uri: str) -> Optional[dict]:

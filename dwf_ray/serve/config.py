@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MIB = 2 ** 20
+GIB = 2 ** 30
 
 
 class ServeConfig(BaseModel):
@@ -34,6 +35,8 @@ class ServeConfig(BaseModel):
     torch_threads: Optional[int] = Field(None, ge=1)   # None: the replica's CPUs, at least 1
     max_response_bytes: int = Field(256 * MIB, ge=1)   # sets the largest n of one request
     max_n: Optional[int] = Field(None, ge=1)       # a lower cap on n than max_response_bytes gives
+    max_served_bytes: int = Field(10 * GIB, ge=0)  # format=uri output kept under <root>/served/ (all requests and
+                                                   # replicas); past it 507 quota_exceeded; 0 turns format=uri off
     default_solver: Optional[Literal["euler", "midpoint", "rk4", "dopri5"]] = None   # None: the run's sampler
     default_steps: Optional[int] = Field(None, ge=1)                                # (config.json "sample")
     max_steps: int = Field(1000, ge=1)
