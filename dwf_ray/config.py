@@ -32,8 +32,12 @@ class ZooConfig(_Cfg):
     epochs: int = 40
     batch_size: int = 32
     lr: float = 3e-3
+    lr_schedule: Literal["cosine", "constant"] = "cosine"   # constant: MNIST-1D's own recipe (Adam at 1e-2)
     weight_decay: float = 0.05
-    cpus_per_model: float = 1.0
+    cpus_per_model: float = 1.0      # CPUs of each training task
+    # models trained together in one task (torch.func, dwf_ray/zoo/lockstep.py); None: chunks for the families
+    # that allow it (mlp, cnn1d), one model per task for the others
+    models_per_task: Optional[int] = Field(None, ge=1)
     max_retries: int = 2             # a model whose worker dies is trained 1 + this many times, then an error row
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 from dwf_ray import store
 from dwf_ray.config import RunConfig
+from dwf_ray.resources import StageMeter
 from dwf_ray.runtime import ensure_ray, quiet_logs
 from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore
 
@@ -85,8 +86,10 @@ class Pipeline:
                 self.no_canon_variant()
             self.log(f"[{name}] running")
             t0 = time.perf_counter()
-            info = (function or stage.load())(self.cfg, self.store)
+            with StageMeter() as meter:
+                info = (function or stage.load())(self.cfg, self.store)
         info["seconds"] = round(time.perf_counter() - t0, 2)
+        info |= meter.result()
         self.store.mark_done(stage.folder, info)
         self._log_errors(name, info)
         self.log(f"[{name}] done in {info['seconds']:.1f} s")

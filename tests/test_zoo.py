@@ -17,7 +17,8 @@ MLP = {"family": "mlp", "args": {"in_dim": 64, "hidden": [16, 16], "out_dim": 10
 CNN1D = {"family": "cnn1d", "args": {"in_length": 40, "channels": [6, 6, 6], "kernels": [5, 3, 3],
                                      "strides": [2, 2, 2], "n_classes": 10}}
 CASES = {"mlp-digits": ZooConfig(arch=MLP, epochs=3), "cnn1d-mnist1d": ZooConfig(
-    arch=CNN1D, dataset="mnist1d", dataset_args={"num_train": 600, "num_test": 300}, epochs=2, batch_size=50)}
+    arch=CNN1D, dataset="mnist1d", dataset_args={"num_train": 600, "num_test": 300}, epochs=2, batch_size=50,
+    lr_schedule="constant")}
 
 
 def alone(cfg: ZooConfig, seed: int) -> torch.nn.Module:
@@ -85,3 +86,44 @@ def test_models_per_task_defaults_to_chunks_only_for_families_that_train_in_lock
     assert models_per_task(ZooConfig(arch=cnn, n_models=100, image=True), cpus=2) == 1
     with pytest.raises(ValueError, match=r"zoo.models_per_task=8: family 'cnn' cannot be trained in lockstep"):
         models_per_task(ZooConfig(arch=cnn, n_models=100, image=True, models_per_task=8), cpus=2)
+
+
+def test_mnist1d_is_built_offline_by_its_own_generator_and_leaves_global_random_state_alone():
+    import json
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+    from dwf_ray.data import load_dataset
+    np.random.seed(3)
+    random.seed(3)
+    before = np.random.get_state()[1].copy(), random.getstate()
+    data = load_dataset("mnist1d", args_json=json.dumps({"num_train": 4000, "num_test": 1000}))
+    assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
+    # the standard split: the package's published arguments (5,000 signals, seed 42), its first 4,000 for training
+    # and validation (10 % per class, stratified)
+    published = make_dataset(get_dataset_args())
+    assert data.input_shape == (40,) and data.n_classes == 10
+    assert len(data.train) + len(data.val) == 4000 and abs(len(data.val) - 400) <= 5 and len(data.test) == 1000
+    np.testing.assert_allclose(np.sort(data.test.x.numpy(), axis=0), np.sort(published["x_test"], axis=0), atol=1e-6)
+    train_val = np.concatenate([data.train.x.numpy(), data.val.x.numpy()])
+    np.testing.assert_allclose(np.sort(train_val, axis=0), np.sort(published["x"], axis=0), atol=1e-6)
+    # the default draws 10,000 test signals from the same generator, every class about equally often
+    big = load_dataset("mnist1d")
+    assert len(big.test) == 10_000 and np.bincount(big.test.y.numpy()).min() > 900
+
+
+@pytest.mark.parametrize("args,message", [({"num_test": 0}, "num_test=0 is out of range"),
+                                          ({"num_train": "many"}, "num_train='many' is out of range"),
+                                          ({"val_fraction": 1.5}, "val_fraction=1.5 is out of range"),
+                                          ({"length": 3}, "has no arguments ['length']")])
+def test_a_bad_mnist1d_argument_is_one_line_and_exit_2_before_any_work(tmp_path, args, message):
+    import json
+    import subprocess
+    import sys
+    root = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dwf_ray.cli", "zoo", "--preset", "mnist1d-mlp", "--root", str(root),
+                           "--set", f"zoo.dataset_args={json.dumps(args)}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not root.exists()

@@ -19,7 +19,7 @@ from dwf_ray.runtime import cluster_cpus, row_blocks, wait_with_progress
 from dwf_ray.store import RunStore
 from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, row_error, save_checkpoint
 from dwf_ray.zoo.formats import scan
-from dwf_ray.zoo.lockstep import chunk_metrics, lockstep_problem, train_lockstep
+from dwf_ray.zoo.lockstep import chunk_metrics, lockstep_problem, lr_schedule, train_lockstep
 
 LOCKSTEP_CHUNK = 256    # default models per task for lockstep families (bench/zoo_throughput.py measures it)
 
@@ -28,12 +28,11 @@ MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "s
 
 
 def train_classifier(model: torch.nn.Module, cfg: ZooConfig, seed: int) -> torch.nn.Module:
-    """AdamW with a cosine schedule; keeps the epoch with the best validation accuracy (never looks at test)."""
+    """AdamW with a cosine or constant learning rate (``zoo.lr_schedule``); keeps the epoch with the best validation accuracy (never looks at test)."""
     data = dataset_for(cfg)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    sched = lr_schedule(opt, cfg, len(data.train))
     best, best_acc = copy.deepcopy(model.state_dict()), -1.0
     for _ in range(cfg.epochs):
         model.train()

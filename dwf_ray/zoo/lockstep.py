@@ -67,15 +67,22 @@ class Lockstep:
         return correct.double() / len(y)
 
 
+def lr_schedule(opt: torch.optim.Optimizer, cfg, n_train: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """``zoo.lr_schedule``: cosine from ``zoo.lr`` to 0 over every step of training, or constant."""
+    if cfg.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * -(-n_train // cfg.batch_size))
+
+
 def train_lockstep(arch: ArchSpec, cfg, seeds: list[int], data, init: list[nn.Module] | None = None) -> ChunkResult:
     """Train one model per seed on ``data`` (a Dataset) with ``cfg`` (a ZooConfig), as ``train_classifier`` does
-    for one: AdamW with a cosine schedule, per-model data order, each model's best epoch on validation data.
+    for one: AdamW with its learning-rate schedule, per-model data order, each model's best epoch on validation data.
     ``init`` replaces the seeded initial models (tests)."""
     net = Lockstep(arch, seeds, init)
     m, n = len(seeds), len(data.train)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     opt = torch.optim.AdamW(net.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * -(-n // cfg.batch_size))
+    sched = lr_schedule(opt, cfg, n)
     best = {k: v.detach().clone() for k, v in net.params.items()}
     best_acc = torch.full((m,), -1.0, dtype=torch.float64)
     diverged: list[int | None] = [None] * m
