@@ -151,19 +151,22 @@ def test_uri_format_writes_checkpoints_and_a_manifest(http, service):
     assert all(np.allclose(state[k], direct[k], rtol=1e-5, atol=1e-6) for k in direct)
 
 
-QUOTA = 150_000    # bytes under served/: two 4-model requests of the smoke MLP (64 kB each), or six 1-model ones
+# What served/ may hold: six 1-model requests of the smoke MLP (20 kB each) reach QUOTA bytes first; two 4-model
+# requests (64 kB each) would fit in bytes but not in QUOTA_MODELS checkpoints.
+QUOTA, QUOTA_MODELS = 150_000, 7
 
 
 @pytest.fixture(scope="module")
 def quota_app(service, tmp_path_factory):
     """(run root, base URL) of a third app, over its own copy of the run root, whose format=uri output may hold
-    QUOTA bytes; a batch waits up to 1 s for 8 requests, so that concurrent ones are solved, and written, at once."""
+    QUOTA bytes and QUOTA_MODELS checkpoints; a batch waits up to 1 s for 8 requests, so that concurrent ones are
+    solved, and written, at once."""
     from ray import serve
     from dwf_ray.serve.app import make_app
     root = tmp_path_factory.mktemp("quota") / "smoke"
     shutil.copytree(service[0], root, ignore=shutil.ignore_patterns("served"))
-    cfg = ServeConfig(num_cpus=0.25, max_served_bytes=QUOTA, max_batch_size=8, batch_wait_timeout_s=1.0,
-                      fill_while_busy=False)
+    cfg = ServeConfig(num_cpus=0.25, max_served_bytes=QUOTA, max_served_models=QUOTA_MODELS, max_batch_size=8,
+                      batch_wait_timeout_s=1.0, fill_while_busy=False)
     serve.run(make_app(str(root), cfg), name="quota", route_prefix="/quota")
     yield root, service[1] + "/quota"
     serve.delete("quota")
@@ -171,6 +174,10 @@ def quota_app(service, tmp_path_factory):
 
 def _bytes_under(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _models_under(folder: Path) -> int:
+    return len(list(folder.rglob("*.safetensors")))
 
 
 def _checkpoints_match_their_manifests(bodies: list[dict]) -> bool:
@@ -185,7 +192,8 @@ def test_uri_output_past_the_quota_gets_507_and_keeps_what_was_written(quota_app
     served = root / "served"
     shutil.rmtree(served, ignore_errors=True)
     with httpx.Client(base_url=url, timeout=60) as http:
-        assert http.get("/v1/info").json()["limits"]["max_served_bytes"] == QUOTA
+        limits = http.get("/v1/info").json()["limits"]
+        assert limits["max_served_bytes"] == QUOTA and limits["max_served_models"] == QUOTA_MODELS
         written, refused = [], None
         for seed in range(20):
             r = http.post("/v1/sample", json={"n": 1, "seed": seed, "format": "uri"})
@@ -196,9 +204,11 @@ def test_uri_output_past_the_quota_gets_507_and_keeps_what_was_written(quota_app
         assert refused is not None and refused.status_code == 507 and len(written) >= 2, refused and refused.text
         err = refused.json()
         assert err["code"] == "quota_exceeded" and err["field"] == "format" and err["quota_bytes"] == QUOTA
-        assert "max_served_bytes" in err["error"] and str(served) in err["error"]
+        assert "max_served_bytes" in err["error"] and "max_served_models" not in err["error"]
+        assert str(served) in err["error"] and len(err["error"].splitlines()) == 1
         on_disk = _bytes_under(served)
         assert err["used_bytes"] == on_disk <= QUOTA < on_disk + err["request_bytes"]
+        assert err["used_models"] == _models_under(served) == len(written) < QUOTA_MODELS
         # each request wrote no more than the bound it was admitted with
         assert max(_bytes_under(Path(b["dir"])) for b in written) <= err["request_bytes"]
         # the refused request wrote nothing, and nothing written before is lost
@@ -214,11 +224,11 @@ def test_uri_output_past_the_quota_gets_507_and_keeps_what_was_written(quota_app
 
 
 def test_concurrent_uri_requests_never_pass_the_quota_together(quota_app):
-    """Eight requests solved in one batch and written at once: the check and the write hold one lock. (Without
-    it, measured: 4 of 5 such bursts went past the quota.)"""
+    """Eight 4-model requests solved in one batch and written at once: one fits QUOTA_MODELS. The check and the
+    write hold one lock (without it, measured: 2 of 5 such bursts admitted two requests)."""
     root, url = quota_app
     served = root / "served"
-    for _ in range(3):
+    for _ in range(5):
         shutil.rmtree(served, ignore_errors=True)
         with httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda i: http.post("/v1/sample", json={"n": 4, "seed": i, "format": "uri"}),
@@ -226,9 +236,10 @@ def test_concurrent_uri_requests_never_pass_the_quota_together(quota_app):
         codes = [r.status_code for r in answers]
         assert set(codes) == {200, 507}, codes
         assert {r.headers.get("x-batch-size") for r in answers if r.status_code == 200} == {"8"}   # one batch
-        assert all(r.json()["code"] == "quota_exceeded" for r in answers if r.status_code == 507)
+        refused = [r.json() for r in answers if r.status_code == 507]
+        assert all(e["code"] == "quota_exceeded" and "max_served_models" in e["error"] for e in refused)
         ok = [r.json() for r in answers if r.status_code == 200]
-        assert _bytes_under(served) <= QUOTA and len(list(served.iterdir())) == len(ok)
+        assert len(ok) == 1 and _models_under(served) == 4 <= QUOTA_MODELS and _bytes_under(served) <= QUOTA
         assert _checkpoints_match_their_manifests(ok)
     assert ServeConfig().max_served_bytes >= ServeConfig().max_response_bytes   # the default holds a full answer
 

@@ -29,7 +29,7 @@ from ray import serve
 
 from dwf_ray import store
 from dwf_ray.serve.config import AppArgs, ServeConfig
-from dwf_ray.serve.quota import QuotaExceeded, ServedQuota, uri_bytes_bound
+from dwf_ray.serve.quota import QuotaExceeded, ServedQuota, Usage, uri_bytes_bound
 from dwf_ray.serve.wire import CHUNK_BYTES, SOLVERS, SampleRequest, encode_header, max_models, stream_safetensors
 
 TOKEN_ENV = "DWF_SERVE_TOKEN"
@@ -157,7 +157,7 @@ class SampleService:
                          "temperature": float(sample.get("temperature", 1.0)), "guidance": 1.0}
         self.info = self._build_info(run_cfg, _read_optional_json(store.join(root, "report", "metrics.json")))
         self._last_solve_s = 0.0
-        self.quota = ServedQuota(store.join(root, SERVED), self.cfg.max_served_bytes)
+        self.quota = ServedQuota(store.join(root, SERVED), self.cfg.max_served_bytes, self.cfg.max_served_models)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -189,7 +189,7 @@ class SampleService:
                        "max_batch_size": c.max_batch_size, "batch_wait_timeout_s": c.batch_wait_timeout_s,
                        "max_ongoing_requests": c.max_ongoing_requests,
                        "max_queued_requests": c.max_queued_requests, "retry_after_s": c.retry_after_s,
-                       "max_served_bytes": c.max_served_bytes},
+                       "max_served_bytes": c.max_served_bytes, "max_served_models": c.max_served_models},
             "auth": self.digest is not None,
         }
 
@@ -271,7 +271,7 @@ class SampleService:
         from fastapi.responses import JSONResponse, Response, StreamingResponse
         job = self.job(req)
         if req.format == "uri":   # refused before the solve too; the write checks again under the lock
-            await asyncio.to_thread(self.quota.check, self._uri_bytes(job))
+            await asyncio.to_thread(self.quota.check, self._uri_need(job))
         result = await self._batched(job)
         if isinstance(result, Exception):
             raise ApiError(500, f"sampling failed: {type(result).__name__}: {result}")
@@ -300,13 +300,14 @@ class SampleService:
         headers["Content-Length"] = str(len(header) + flat.nbytes)
         return StreamingResponse(body(), media_type=OCTET, headers=headers)
 
-    def _uri_bytes(self, job: Job) -> int:
-        """An upper bound of what ``job`` writes with format=uri."""
-        return uri_bytes_bound(job.n, self.layouts[job.label], self.gen.arch(job.label), self.quota.served)
+    def _uri_need(self, job: Job) -> Usage:
+        """An upper bound of what ``job`` writes with format=uri: bytes, and its checkpoints."""
+        layout, arch = self.layouts[job.label], self.gen.arch(job.label)
+        return Usage(uri_bytes_bound(job.n, layout, arch, self.quota.served), job.n)
 
     def _write_uris(self, flat: np.ndarray, job: Job, meta: dict) -> dict:
         out_dir = store.join(self.root, SERVED, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-        with self.quota.admit(self._uri_bytes(job)):
+        with self.quota.admit(self._uri_need(job)):
             manifest = self.gen.write(out_dir, flat, job.label)
             store.write_json(store.join(out_dir, "request.json"), meta)
         return {"uris": [str(u) for u in manifest["uri"]], "manifest": store.join(out_dir, "manifest.parquet"),
@@ -358,9 +359,11 @@ class SampleService:
 
 
 def _quota_error(exc: QuotaExceeded) -> ApiError:
-    """507 Insufficient Storage, code quota_exceeded, with the bytes used, needed and allowed."""
-    return ApiError(507, str(exc), "format", code="quota_exceeded",
-                    details={"used_bytes": exc.used, "request_bytes": exc.need, "quota_bytes": exc.quota})
+    """507 Insufficient Storage, code quota_exceeded, with the bytes and models used, needed and allowed."""
+    used, need, quota = exc.used, exc.need, exc.quota
+    details = {"used_bytes": used.nbytes, "request_bytes": need.nbytes, "quota_bytes": quota.nbytes,
+               "used_models": used.models, "request_models": need.models, "quota_models": quota.models}
+    return ApiError(507, str(exc), "format", code="quota_exceeded", details=details)
 
 
 def _read_optional_json(uri: str) -> Optional[dict]:

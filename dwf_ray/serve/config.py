@@ -36,7 +36,8 @@ class ServeConfig(BaseModel):
     max_response_bytes: int = Field(256 * MIB, ge=1)   # sets the largest n of one request
     max_n: Optional[int] = Field(None, ge=1)       # a lower cap on n than max_response_bytes gives
     max_served_bytes: int = Field(10 * GIB, ge=0)  # format=uri output kept under <root>/served/ (all requests and
-                                                   # replicas); past it 507 quota_exceeded; 0 turns format=uri off
+    max_served_models: int = Field(10_000, ge=0)   # replicas), in bytes and in checkpoints (each check lists them);
+                                                   # past either, 507 quota_exceeded; 0 turns format=uri off
     default_solver: Optional[Literal["euler", "midpoint", "rk4", "dopri5"]] = None   # None: the run's sampler
     default_steps: Optional[int] = Field(None, ge=1)                                # (config.json "sample")
     max_steps: int = Field(1000, ge=1)

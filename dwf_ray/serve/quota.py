@@ -1,14 +1,17 @@
-"""The bound on what ``format: uri`` requests write under a run root's ``served/`` folder.
+"""The bounds on what ``format: uri`` requests write under a run root's ``served/`` folder: bytes
+(``ServeConfig.max_served_bytes``) and checkpoints (``max_served_models``, which also bounds the listing each
+check makes).
 
-A request is admitted when the bytes already there (measured on the store, so every replica's and every earlier
-run's output counts, and what an operator deletes is freed) plus an upper bound of what the request writes fit
-``ServeConfig.max_served_bytes``. Within a replica the check and the write hold one lock, so concurrent requests
-never pass the quota together; replicas do not share that lock (see docs/security.md).
+A request is admitted when what the store already holds there (every replica's and every earlier run's output
+counts, and what an operator deletes is freed) plus an upper bound of what the request writes fit both. Within a
+replica the check and the write hold one lock, so concurrent requests never pass a bound together; replicas do
+not share that lock (see docs/security.md).
 """
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import fsspec
 
@@ -20,22 +23,32 @@ MANIFEST_ROW_BYTES = 256            # one row's id, sha256, counts and status, u
 REQUEST_ID_BYTES = 64               # "/<time>-<hex>/g00000.safetensors" after the served folder
 
 
-class QuotaExceeded(Exception):
-    """A format=uri request that would take the served folder past its quota."""
+@dataclass(frozen=True)
+class Usage:
+    nbytes: int         # every file
+    models: int         # .safetensors checkpoints
 
-    def __init__(self, served: str, used: int, need: int, quota: int):
-        super().__init__(f"format=uri output under {served} is limited to {quota} bytes (max_served_bytes); "
-                         f"{used} are used and this request needs up to {need}: ask for fewer models, use "
-                         f"format=safetensors, or free space there")
+
+class QuotaExceeded(Exception):
+    """A format=uri request that would take the served folder past one of its bounds."""
+
+    def __init__(self, served: str, used: Usage, need: Usage, quota: Usage):
+        over = [f"{name} ({limit}; {have} used, this request needs up to {more})"
+                for name, limit, have, more in (("max_served_bytes", quota.nbytes, used.nbytes, need.nbytes),
+                                                ("max_served_models", quota.models, used.models, need.models))
+                if have + more > limit]
+        super().__init__(f"format=uri output under {served} is past {' and '.join(over)}: ask for fewer models, "
+                         f"use format=safetensors, or free space there")
         self.used, self.need, self.quota = used, need, quota
 
 
-def folder_bytes(uri: str) -> int:
-    """Bytes of every file below a folder or prefix (0 when there is none)."""
+def usage(uri: str) -> Usage:
+    """What a folder or prefix holds (nothing when it does not exist), from one listing."""
     fs, path = fsspec.core.url_to_fs(uri)
     if not store.is_local(uri):
         fs.invalidate_cache(path)
-    return int(fs.du(path, total=True)) if fs.exists(path) else 0
+    files = list(fs.find(path, detail=True).values()) if fs.exists(path) else []
+    return Usage(sum(int(f["size"]) for f in files), sum(f["name"].endswith(".safetensors") for f in files))
 
 
 def uri_bytes_bound(n: int, layout, arch, served: str) -> int:
@@ -49,20 +62,20 @@ def uri_bytes_bound(n: int, layout, arch, served: str) -> int:
 
 
 class ServedQuota:
-    """``max_served_bytes`` of one served folder, checked against what the store holds."""
+    """The bounds of one served folder, checked against what the store holds."""
 
-    def __init__(self, served: str, quota: int):
-        self.served, self.quota, self.lock = served, quota, threading.Lock()
+    def __init__(self, served: str, max_bytes: int, max_models: int):
+        self.served, self.quota, self.lock = served, Usage(max_bytes, max_models), threading.Lock()
 
-    def check(self, need: int) -> None:
-        """Raise QuotaExceeded unless ``need`` more bytes fit."""
-        used = folder_bytes(self.served)
-        if used + need > self.quota:
+    def check(self, need: Usage) -> None:
+        """Raise QuotaExceeded unless ``need`` more fits."""
+        used = usage(self.served)
+        if used.nbytes + need.nbytes > self.quota.nbytes or used.models + need.models > self.quota.models:
             raise QuotaExceeded(self.served, used, need, self.quota)
 
     @contextmanager
-    def admit(self, need: int):
-        """Check, then hold the lock while the caller writes at most ``need`` bytes."""
+    def admit(self, need: Usage):
+        """Check, then hold the lock while the caller writes at most ``need``."""
         with self.lock:
             self.check(need)
             yield
