@@ -61,8 +61,10 @@ class CanonConfig(_Cfg):
 
 class PCAConfig(_Cfg):
     k: Optional[int] = None          # a fixed number of components; None: variance_target, at most max_k
-    variance_target: Optional[float] = 0.99   # the smallest k keeping this share of the variance; None: all
-    max_k: Optional[int] = 256       # cap on that k, so the flow's dimension does not grow with the zoo
+    # by default the smallest k keeping this share of the variance (None: all), at most max_k, so that the flow's
+    # dimension stops growing with the zoo (why these values: docs/results-pca.md)
+    variance_target: Optional[float] = 0.99
+    max_k: Optional[int] = 1024
     side: Literal["auto", "gram", "covariance"] = "auto"   # n x n Gram (column shards) or d x d covariance
                                      # (row shards); auto: the smaller one
     n_shards: int = 2
