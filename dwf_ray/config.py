@@ -161,6 +161,13 @@ class EvalConfig(_Cfg):
     weight_novelty: bool = True      # diagnostic: distances in weight space up to permutation (costly)
     nn_candidates: int = 2           # zoo models matched per model, in weight space and in function space each
     num_gpus: float = 0.0            # GPUs per scoring / matching task (large models); 0: CPU
+    # The zoo's own statistics (its nearest-neighbour D and S: the unit of functional novelty; its matched and
+    # direct weight distances) cost n^2 comparisons: they are measured on this many zoo models, drawn uniformly
+    # without replacement with `seed`, each against the whole zoo (itself left out); on every zoo model when the
+    # zoo is no larger. metrics.json (diversity.zoo_reference) and report.md say which.
+    zoo_sample: int = Field(1000, ge=1)
+    chunk_models: int = Field(500, ge=1)   # models per scoring task at most (outputs stay in the object store)
+    nn_block: int = Field(2000, ge=1)      # zoo models per nearest-neighbour task (its memory grows with it)
     seed: int = 7
 
 

@@ -131,6 +131,8 @@ def write_report(report_dir: str, metrics: dict, zoo_acc: np.ndarray, gen_acc: n
                   if model else "")
     glossary = "\n".join(f"- **{m.label}**: {m.about}" for m in METRICS)
     baselines = ", ".join(f"{k} {v:.2f} %" for k, v in (op.get("baselines_at") or {}).items())
+    ref = metrics.get("diversity", {}).get("zoo_reference")
+    reference = ref["how"] if ref else "each zoo model against the rest of the zoo"
     md = f"""# dwf-ray report: {metrics['preset']}
 
 {model_line}Run root: `{metrics['root']}`. Test split only for this report; models were selected on validation data,
@@ -146,7 +148,7 @@ BatchNorm (when present) recalibrated on the training split.
 
 Novelty is measured in function space, on the test inputs: D is a model's disagreement with its nearest zoo
 model (no weight matching involved), S the largest overlap of its wrong predictions with a zoo model's; the
-zoo's own values come from each zoo model against the rest of the zoo.
+zoo's own values (its row, the unit of novelty) come from {reference}.
 
 {glossary}
 

@@ -1,7 +1,8 @@
 """Stage 6: score the zoo, every set of samples and every baseline, set by set; write the report.
 
 The zoo is loaded and every set is built (samples read from their manifests, baselines generated) in Ray tasks,
-into the object store; the driver holds object refs and per-model results only, whatever the models' size.
+into the object store, and so are every model's outputs; the driver holds object refs and per-model results
+only, whatever the models' and the zoo's size (nearest neighbours are found in tasks, block by block of the zoo).
 Novelty is measured in function space (``eval/metrics.py``); distances in weight space up to permutation stay
 as a diagnostic.
 """
@@ -19,7 +20,8 @@ from dwf_ray.archs import ArchSpec, permutation_spec
 from dwf_ray.canon.matching import canonicalize
 from dwf_ray.config import RunConfig
 from dwf_ray.eval.baselines import baseline_sets
-from dwf_ray.eval.diversity import candidates, disagreement_nearest, matched_nearest, max_wrong_iou, zoo_nn_median
+from dwf_ray.eval.diversity import (ModelOutputs, matched_nearest, merge_blocks, merge_k, nearest_in_block,
+                                   nearest_k, sample_rows, zoo_nn_median)
 from dwf_ray.eval.metrics import NOVELTY, SetResult, point
 from dwf_ray.eval.report import summary, write_report
 from dwf_ray.eval.scoring import score_flat
@@ -55,6 +57,14 @@ def _rows(flat: np.ndarray) -> int:
     return len(flat)
 
 
+def _take(flat: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return flat[rows]
+
+
+def _take_outputs(outputs: ModelOutputs, rows: np.ndarray) -> ModelOutputs:
+    return outputs.take(rows)
+
+
 def _built(build: Callable[[np.ndarray], np.ndarray], zoo: np.ndarray) -> np.ndarray:
     return build(zoo)
 
@@ -71,8 +81,26 @@ def stored(flat) -> tuple[ray.ObjectRef, int]:
     return ray.put(flat), len(flat)
 
 
-def _score_rows(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, start: int, stop: int):
-    return score_flat(arch_json, zoo_json, eval_json, flat[start:stop])
+def _score_rows(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, start: int, stop: int,
+                keep_logits: bool) -> tuple[np.ndarray, ModelOutputs]:
+    """Rows start..stop: their accuracies (for the driver) and their outputs (left in the object store)."""
+    acc, wrong, logits, preds = score_flat(arch_json, zoo_json, eval_json, flat[start:stop])
+    return acc, ModelOutputs.of(preds, wrong, logits.shape[-1], logits if keep_logits else None)
+
+
+def _nearest_block(start: int, skip: np.ndarray | None, per_space: int, n_parts: int, flat, zoo, *outputs):
+    """A whole set (its ``n_parts`` first ``outputs``) against one block of the zoo (the rest, zoo models
+    ``start``..): each model's D, its zoo index and S, and when ``per_space``: its ``per_space`` nearest zoo
+    models of the block in weight space and in logit space (``nearest_k`` each). ``skip``: the zoo against
+    itself, each model's own zoo index."""
+    models, block = ModelOutputs.concat(outputs[:n_parts]), ModelOutputs.concat(outputs[n_parts:])
+    d, idx, s = nearest_in_block(models, block, start, skip)
+    if not per_space:
+        return d, idx, s, None
+    stop = start + len(block)
+    logit_k = nearest_k(models.logits.reshape(len(models), -1), block.logits.reshape(len(block), -1), per_space,
+                        skip, start)
+    return d, idx, s, (nearest_k(flat, zoo[start:stop], per_space, skip, start), logit_k)
 
 
 def _match_rows(arch_json: str, zoo: np.ndarray, flat: np.ndarray, cands: np.ndarray, start: int, stop: int,
@@ -85,51 +113,87 @@ class ZooJudge:
     ``cfg.eval.weight_novelty``) the distance to the nearest zoo model up to permutation.
 
     ``zoo`` and each set are flat models or object refs to them; a set is in the object store once and its
-    tasks read row ranges of it; the driver keeps per-model results only. ``judge_sets`` keeps a few sets in
-    flight so that the cluster stays busy.
+    tasks read row ranges of it. The models' outputs (packed test predictions and mistakes, validation logits)
+    stay in the object store in blocks; nearest neighbours are found by one task per block of the zoo
+    (``eval.nn_block`` models) and merged. The driver keeps object refs and per-model results only.
+    ``judge_sets`` keeps a few sets in flight so that the cluster stays busy.
+
+    The zoo's own result (``result``) has every zoo model's accuracy; its D, S, nearest index and matched
+    distance are those of the zoo models in ``sample`` (``eval.zoo_sample`` of them, seeded; every zoo model
+    in a zoo no larger), each against the whole zoo, itself left out.
     """
 
     def __init__(self, arch: ArchSpec, cfg: RunConfig, zoo, bar=None):
         self.arch, self.cfg, self.bar = arch, cfg, bar
-        self.args = (arch.to_json(), cfg.zoo.model_dump_json(), cfg.eval.model_dump_json())
+        ec = cfg.eval
+        self.args = (arch.to_json(), cfg.zoo.model_dump_json(), ec.model_dump_json())
         self.zoo_ref, self.n_zoo = stored(zoo)
-        acc, self.wrong, self.logits, self.preds = self._gather(self._submit_scores(self.zoo_ref, self.n_zoo))
-        self.result = self._judge(self.zoo_ref, acc, self.wrong, self.logits, self.preds, exclude_self=True)
+        ranges = self._ranges(self.n_zoo)
+        accs, outputs = self._submit_scores(self.zoo_ref, ranges)
+        per_block = max(1, ec.nn_block // (ranges[0][1] - ranges[0][0]))
+        self.blocks = [(ranges[i][0], outputs[i:i + per_block]) for i in range(0, len(ranges), per_block)]
+        self.sample = sample_rows(self.n_zoo, ec.zoo_sample, ec.seed)
+        sample_flat, sample_outputs = self._sampled(outputs, ranges)
+        nn = self._submit_nearest(sample_outputs, sample_flat, self.sample)
+        self.result = self._finish(self._gather_acc(accs, ranges), nn, sample_flat)
+
+    def _sampled(self, outputs: list, ranges: list[tuple[int, int]]) -> tuple:
+        """The zoo's sample as a set: an object ref to its flat models, and refs to its outputs (taken from
+        the zoo's, in order)."""
+        if len(self.sample) == self.n_zoo:
+            return self.zoo_ref, outputs
+        take = ray.remote(_take_outputs)
+        picks = [(out, self.sample[(self.sample >= a) & (self.sample < b)] - a) for out, (a, b) in zip(outputs, ranges)]
+        return (ray.remote(_take).remote(self.zoo_ref, self.sample),
+                [take.remote(out, rows) for out, rows in picks if len(rows)])
 
     def _ranges(self, n: int) -> list[tuple[int, int]]:
-        step = max(4, -(-n // cluster_cpus()))
+        step = min(self.cfg.eval.chunk_models, max(4, -(-n // cluster_cpus())))
         return [(i, min(i + step, n)) for i in range(0, n, step)]
 
-    def _submit_scores(self, flat_ref, n: int) -> list:
-        task = ray.remote(_score_rows).options(num_gpus=self.cfg.eval.num_gpus)
-        return [(task.remote(*self.args, flat_ref, a, b), b - a) for a, b in self._ranges(n)]
+    def _submit_scores(self, flat_ref, ranges: list[tuple[int, int]]) -> tuple[list, list]:
+        """Object refs to each range's accuracies and to its outputs."""
+        task = ray.remote(_score_rows).options(num_gpus=self.cfg.eval.num_gpus, num_returns=2)
+        refs = [task.remote(*self.args, flat_ref, a, b, self.cfg.eval.weight_novelty) for a, b in ranges]
+        return [r[0] for r in refs], [r[1] for r in refs]
 
-    def _gather(self, jobs: list) -> tuple[np.ndarray, ...]:
-        parts = wait_with_progress([r for r, _ in jobs], "eval", self.bar, [k for _, k in jobs])
-        return tuple(np.concatenate(col) for col in zip(*parts))
+    def _submit_nearest(self, outputs: list, flat_ref, skip: np.ndarray | None = None) -> list:
+        """One task per block of the zoo, each comparing the whole set with its block."""
+        per_space = self.cfg.eval.nn_candidates if self.cfg.eval.weight_novelty else 0
+        flat, zoo = (flat_ref, self.zoo_ref) if per_space else (None, None)
+        task = ray.remote(_nearest_block)
+        return [task.remote(start, skip, per_space, len(outputs), flat, zoo, *outputs, *block)
+                for start, block in self.blocks]
 
-    def _judge(self, flat_ref, acc, wrong, logits, preds, exclude_self: bool = False) -> SetResult:
-        d, nearest = disagreement_nearest(preds, self.preds, exclude_self)
-        s = max_wrong_iou(wrong, self.wrong, exclude_self)
+    def _gather_acc(self, accs: list, ranges: list[tuple[int, int]]) -> np.ndarray:
+        return np.concatenate(wait_with_progress(accs, "eval", self.bar, [b - a for a, b in ranges]))
+
+    def _finish(self, acc: np.ndarray, nn: list, flat_ref) -> SetResult:
+        found = ray.get(nn)
+        d, nearest_idx, s = merge_blocks([f[:3] for f in found])
         weight_dist = None
         if self.cfg.eval.weight_novelty:
             ec = self.cfg.eval
-            cands = ray.get(ray.remote(candidates).remote(flat_ref, self.zoo_ref, logits, self.logits,
-                                                          ec.nn_candidates, exclude_self))
+            cands = np.concatenate([merge_k([f[3][space] for f in found], ec.nn_candidates)[1] for space in (0, 1)],
+                                   axis=1)
             task = ray.remote(_match_rows).options(num_gpus=ec.num_gpus)
-            weight_dist, _ = self._gather([(task.remote(self.arch.to_json(), self.zoo_ref, flat_ref, cands, a, b,
-                                                        self.cfg.canon.residual), b - a)
-                                           for a, b in self._ranges(len(acc))])
-        return SetResult(acc, d, s, nearest, weight_dist)
+            ranges = self._ranges(len(d))
+            parts = wait_with_progress([task.remote(self.arch.to_json(), self.zoo_ref, flat_ref, cands, a, b,
+                                                    self.cfg.canon.residual) for a, b in ranges],
+                                       "eval", self.bar, [b - a for a, b in ranges])
+            weight_dist = np.concatenate([p[0] for p in parts])
+        return SetResult(acc, d, s, nearest_idx, weight_dist)
 
     def submit(self, flat):
         """Start scoring a set (flat models or an object ref to them); ``finish`` completes the handle."""
         ref, n = stored(flat)
-        return ref, self._submit_scores(ref, n)
+        ranges = self._ranges(n)
+        accs, outputs = self._submit_scores(ref, ranges)
+        return ref, accs, ranges, self._submit_nearest(outputs, ref)
 
     def finish(self, handle) -> SetResult:
-        ref, jobs = handle
-        return self._judge(ref, *self._gather(jobs))
+        ref, accs, ranges, nn = handle
+        return self._finish(self._gather_acc(accs, ranges), nn, ref)
 
     def __call__(self, flat) -> SetResult:
         return self.finish(self.submit(flat))
@@ -192,12 +256,15 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo, generated: list[ScoredSet],
     ec = cfg.eval
     layout = WeightLayout.from_arch(arch)
     zoo, n_zoo = stored(zoo)
-    zoo_median = ray.get(ray.remote(zoo_nn_median).remote(zoo))   # direct distance: the noise baseline's scale
+    sample = sample_rows(n_zoo, ec.zoo_sample, ec.seed)    # the zoo models its reference statistics come from
+    # direct distance (the noise baseline's scale), over the same sample
+    zoo_median = ray.get(ray.remote(zoo_nn_median).remote(zoo, None if len(sample) == n_zoo else sample))
     baselines = [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
                  for b in baseline_sets(n_zoo, layout, ec, zoo_median)]
     sets = [*generated, *baselines, *extra]
-    passes = 2 if ec.weight_novelty else 1
-    with tqdm(total=passes * (n_zoo + sum(s.size for s in sets)), desc="eval", unit="model") as bar:
+    set_models = sum(s.size for s in sets)
+    total = n_zoo + set_models + (len(sample) + set_models if ec.weight_novelty else 0)   # scored, then matched
+    with tqdm(total=total, desc="eval", unit="model") as bar:
         judge = ZooJudge(arch, cfg, zoo, bar)
         points, results = judge_sets(judge, sets)
     main = generated[0].key
@@ -213,7 +280,8 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo, generated: list[ScoredSet],
         "tradeoff": points,
         "model_accuracy": {"zoo": [round(float(a) * 100, 4) for a in zoo_r.acc]} |
                           {key: [round(float(a) * 100, 4) for a in r.acc] for key, r in results.items()},
-        "diversity": {"zoo_median_disagreement": float(np.median(zoo_r.disagreement)),
+        "diversity": {"zoo_reference": zoo_reference(len(sample), n_zoo, ec.seed),
+                      "zoo_median_disagreement": float(np.median(zoo_r.disagreement)),
                       "zoo_nn_median_direct": zoo_median,
                       "zoo_nn_median_matched": None if zoo_r.weight_dist is None else float(np.median(zoo_r.weight_dist)),
                       # spread of the generated set itself (its own median NN distance over the zoo's, direct)
@@ -227,6 +295,14 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo, generated: list[ScoredSet],
                                                  if p["method"] == GENERATOR and accepted(p, ec.accept_novelty)]},
     }
     return metrics, {"zoo": zoo_r.acc, "generated": results[main].acc}
+
+
+def zoo_reference(sampled: int, n_zoo: int, seed: int) -> dict:
+    """How the zoo's own statistics (the units of novelty, its row of the trade-off) were measured."""
+    how = (f"{sampled} of {n_zoo} zoo models drawn uniformly without replacement (seed {seed}), each against "
+           "the whole zoo, itself left out" if sampled < n_zoo else
+           f"every zoo model ({n_zoo}) against the rest of the zoo")
+    return {"models": sampled, "zoo_models": n_zoo, "sampled": sampled < n_zoo, "how": how}
 
 
 def _from_manifest(uri: str, arch: ArchSpec) -> Callable[[np.ndarray], np.ndarray]:

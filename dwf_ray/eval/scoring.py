@@ -4,19 +4,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dwf_ray.archs import ArchSpec
+from dwf_ray.archs import ArchSpec, build_model
 from dwf_ray.config import EvalConfig, ZooConfig
 from dwf_ray.accuracy import predict, recalibrate_batchnorm
 from dwf_ray.data import Split, dataset_for
 from dwf_ray.runtime import task_device
-from dwf_ray.weights import WeightLayout, to_module
+from dwf_ray.weights import WeightLayout, state_to_torch
 
 
 def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, val_logits: int = 256):
     """(test accuracy, wrong-prediction mask, logits on the first ``val_logits`` validation examples, test
     predictions) per model.
 
-    BatchNorm is recalibrated on train data. The logits are a permutation-invariant fingerprint of a model.
+    BatchNorm is recalibrated on train data (its statistics are reset first, so nothing carries over from the
+    model scored before). The logits are a permutation-invariant fingerprint of a model.
     Inputs may be features, images or token ids; runs on the task's GPU when it has one.
     """
     torch.set_num_threads(1)
@@ -27,8 +28,9 @@ def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, 
     val_x = data.val.x[:val_logits].to(dev)
     layout = WeightLayout.from_arch(arch)
     accs, wrong, logits, preds = [], [], [], []
+    model = build_model(arch).to(dev)        # built once: each model's parameters are loaded into it
     for vec in flat:
-        model = to_module(arch, layout.unflatten(vec)).to(dev)
+        model.load_state_dict(state_to_torch(layout.unflatten(vec)), strict=False)
         recalibrate_batchnorm(model, train, ec.bn_recal_batches, seed=ec.seed)
         pred = predict(model, test)
         miss = (pred != test.y).cpu().numpy()
