@@ -158,6 +158,11 @@ def test_mnist_idx_and_stl10_binary_files_are_read_as_bytes_only(tmp_path):
     with pytest.raises(ValueError) as info:
         load_mnist(str(tmp_path))
     assert_one_line_naming(info.value, mnist / "train-images-idx3-ubyte.gz", "not an IDX file")
+    for cut in (b"\x1f\x8b" + raw, gzip.compress(raw)[:-9], gzip.compress(raw)[:12] + raw):
+        (mnist / "train-images-idx3-ubyte.gz").write_bytes(cut)
+        with pytest.raises(ValueError) as info:
+            load_mnist(str(tmp_path))
+        assert_one_line_naming(info.value, mnist / "train-images-idx3-ubyte.gz", "not a readable gzip file")
     stl = tmp_path / "stl10_binary"
     stl.mkdir()
     for name in ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]:

@@ -1,7 +1,8 @@
 """Datasets the user provides under a folder or s3:// prefix (``data_root``), in torchvision's on-disk formats.
 
 Nothing is downloaded from the internet: files are read where they are (local) or copied once from S3 into a
-local cache (``DWF_DATA_CACHE``, default ``~/.cache/dwf-ray/data``).
+local cache (``DWF_DATA_CACHE``, default ``~/.cache/dwf-ray/data``). Data is never code: pickled batches
+(CIFAR-10's python layout) go through an unpickler that admits plain data only (docs/security.md).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import io
 import os
 import pickle
+import zlib
 
 import numpy as np
 
@@ -129,7 +131,10 @@ def read_idx(uri: str) -> np.ndarray:
     """An IDX array of unsigned bytes (the MNIST file format)."""
     raw = fetch(uri)
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{uri}: not a readable gzip file ({type(exc).__name__}: {one_line(exc)})") from exc
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise ValueError(f"{uri}: not an IDX file of unsigned bytes")
     ndim = raw[3]
