@@ -24,6 +24,11 @@ against the machine's limit (the zoo read once, the syrk and GEMM rates and LAPA
     python bench/pca_bench.py --side covariance --arch mlp-40-32-32-10              # 10,000 x 2,698
     python bench/pca_bench.py --side covariance --arch mlp-40-100-100-10 --budget-gib 4   # 10,000 x 15,210
     python bench/pca_bench.py --side covariance --arch mlp-40-16-10 --n 2000 --compare-gram   # a quick check
+
+How many components a real zoo needs (the default k): the variance curve of a finished run root's zoo, and the
+accuracy of its models rebuilt from k components (docs/results-pca.md):
+
+    python bench/pca_bench.py --spectrum runs/digits-mlp
 """
 from __future__ import annotations
 
@@ -411,6 +416,48 @@ def covariance_main(args, layout, n: int, budget: int, work: str) -> dict:
     return result | {"machine": lim, "rows": rows, "speedup_2_actors_over_1": rows[1]["seconds"] / rows[0]["seconds"]}
 
 
+# ---------------------------------------------------------------- how many components a real zoo needs
+
+def spectrum_main(root: str, models: int) -> dict:
+    """The explained-variance curve of a run root's canonical zoo (and of its raw zoo), and the mean test accuracy
+    of its first ``models`` models rebuilt from their top-k components (mean + z_k V_k^T): what choosing k costs."""
+    import torch
+    from dwf_ray import store
+    from dwf_ray.accuracy import accuracy
+    from dwf_ray.archs import ArchSpec
+    from dwf_ray.config import RunConfig
+    from dwf_ray.data import dataset_for
+    from dwf_ray.pca.covariance import covariance_pca
+    from dwf_ray.pca.dual import dual_pca
+    from dwf_ray.weights import WeightLayout, load_flat_models, to_module
+    torch.set_num_threads(1)
+    st = store.RunStore(root)
+    cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))
+    arch = ArchSpec.parse(cfg.zoo.arch)
+    layout, test = WeightLayout.from_arch(arch), dataset_for(cfg.zoo).test
+    targets, result = (0.9, 0.95, 0.99, 0.999), {"root": root}
+    for name, stage, column in (("raw", "zoo", "uri"), ("canonical", "canon", "canon_uri")):
+        x = load_flat_models(store.ok_rows(st.manifest(stage))[column], arch).astype(np.float64)
+        mean, comps, z, eig = (dual_pca if len(x) <= x.shape[1] else covariance_pca)(x, variance_target=None)
+        cum = np.cumsum(eig.explained_variance_ratio)
+        ks = {t: int(np.searchsorted(cum, t - 1e-12) + 1) for t in targets}
+        result[name] = {"n": len(x), "d": layout.size, "k_for_variance": ks,
+                        "variance_at_k": {k: float(cum[k - 1]) for k in (16, 64, 256, 1024) if k <= len(cum)}}
+        print(f"{name}: n={len(x):,}, d={layout.size:,}; k for variance {ks}; variance at k "
+              f"{ {k: round(v, 3) for k, v in result[name]['variance_at_k'].items()} }", flush=True)
+
+    def acc(flat: np.ndarray) -> float:
+        return 100 * float(np.mean([accuracy(to_module(arch, layout.unflatten(v.astype(np.float32))), test)
+                                    for v in flat]))
+    m = min(models, len(x))       # x, mean, z, comps, cum, ks: of the canonical zoo (the loop's last)
+    result["rebuilt_accuracy"] = {"zoo": acc(x[:m]), "mean_model": acc(mean[None]), "models": m}
+    for k in sorted({k for k in (16, 64, 256, 1024) if k <= len(cum)} | set(ks.values()) | {len(cum)}):
+        result["rebuilt_accuracy"][f"k={k} ({cum[k - 1]:.3f})"] = acc(mean + z[:m, :k] @ comps[:, :k].T)
+    print(f"mean test accuracy % of {m} canonical models rebuilt from k components (variance kept):",
+          {k: round(v, 2) for k, v in result["rebuilt_accuracy"].items()})
+    return result
+
+
 def save_result(key: str, result: dict) -> str:
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -561,7 +608,14 @@ def main() -> None:
     ap.add_argument("--side", choices=("gram", "covariance"), default="gram",
                     help="covariance: the row-shard fit for zoos of many small models (default --n 10000)")
     ap.add_argument("--compare-gram", action="store_true", help="covariance mode: also fit the Gram side")
+    ap.add_argument("--spectrum", metavar="RUN_ROOT", help="instead: the variance curve of a run root's zoo and "
+                    "the accuracy of its models rebuilt from k components")
+    ap.add_argument("--rebuilt-models", type=int, default=200, help="--spectrum: models rebuilt and scored")
     args = ap.parse_args()
+    if args.spectrum:
+        result = spectrum_main(args.spectrum, args.rebuilt_models)
+        print(f"\nwrote {save_result('spectrum_' + os.path.basename(args.spectrum.rstrip('/')), result)}")
+        return
 
     layout = make_layout(ARCHS[args.arch]())
     n, d = args.n or (10_000 if args.side == "covariance" else 100), layout.size
