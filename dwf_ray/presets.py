@@ -103,7 +103,7 @@ PRESETS: dict[str, dict] = {
 FULL_SIZE = ("cifar10-resnet18", "cifar10-vit-small", "yelp-bert-base")
 
 
-def preset(name: str) -> RunConfig:
+def preset(name: str, _chain: tuple = ()) -> RunConfig:
     """A named preset, or a JSON file of overrides: ``{"base": NAME or FILE (optional), "set": {key: value}}``
     (the file's name, without .json, becomes the preset's name)."""
     if name in PRESETS:
@@ -111,11 +111,20 @@ def preset(name: str) -> RunConfig:
     path = Path(name)
     if path.suffix != ".json":
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}, or a .json file of overrides")
+    if path.resolve() in _chain:
+        raise ValueError(f"preset file {name}: its base chain comes back to it")
     try:
         spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"preset file {name}: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("base", ""), str) \
+            or not isinstance(spec.get("set", {}), dict) or set(spec) - {"base", "set"}:
+        raise ValueError(f'preset file {name}: expected an object {{"base": NAME or FILE, "set": {{key: value}}}}')
     base = spec.get("base", "digits-mlp")
     if base.endswith(".json"):
         base = str(path.parent / base)
-    return preset(base).model_copy(update={"preset": path.stem}).with_values(spec.get("set", {}))
+    try:
+        cfg = preset(base, _chain + (path.resolve(),))
+        return cfg.model_copy(update={"preset": path.stem}).with_values(spec.get("set", {}))
+    except ValueError as exc:
+        raise ValueError(f"preset file {name}: {exc}") from None

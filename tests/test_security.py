@@ -289,8 +289,6 @@ def test_arch_metadata_and_hf_configs_of_odd_types_are_one_line_naming_the_file(
 
 
 # -- configs and run roots --------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="dwf_ray/presets.py must check the file's types and its base chain "
-                                       "(the fix is in the report of this change); remove this mark with it")
 @pytest.mark.parametrize("spec", ['[1, 2]', '{"base": 5}', '{"set": [1]}', '{"set": {"zoo.n_models": "many"}}',
                                   '{"base": "preset.json"}', '"digits-mlp"'])
 def test_preset_files_of_odd_types_are_one_line_naming_the_file(tmp_path, spec):

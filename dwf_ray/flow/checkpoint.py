@@ -9,6 +9,7 @@ import torch
 from dwf_ray import store
 from dwf_ray.config import FlowConfig
 from dwf_ray.flow.model import VelocityMLP, build_velocity_net
+from dwf_ray.weights import torch_load_data
 
 
 def _float32(v) -> np.ndarray:
@@ -61,7 +62,7 @@ def load_flow(uri: str) -> tuple[VelocityMLP, LatentScaler, FlowConfig]:
         raw = store.read_bytes(uri)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{uri}: no flow checkpoint; run the flow stage first") from exc
-    st = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    st = torch_load_data(raw, uri)
     cfg = FlowConfig.model_validate(st["config"])
     net = build_velocity_net(cfg, st["dim"], st.get("n_classes", 0))
     net.load_state_dict(st["ema"])
