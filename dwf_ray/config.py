@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 # The paper's flow: hidden 512, time embedding 64, dropout 0.1, AdamW 5e-4 with a cosine schedule, 30k steps,
@@ -18,45 +18,52 @@ class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Bounds shared by many fields: every count, rate and fraction is checked before any work starts.
+Count = Annotated[int, Field(ge=1)]          # sizes, steps, numbers of things
+NonNegInt = Annotated[int, Field(ge=0)]      # retries, seeds, indices
+Positive = Annotated[float, Field(gt=0)]     # learning rates, temperatures, scales, CPUs
+NonNeg = Annotated[float, Field(ge=0)]       # weight decays, GPUs, noise levels
+
+
 class ZooConfig(_Cfg):
     arch: dict = Field(default_factory=lambda: {"family": "mlp", "args": {
         "in_dim": 64, "hidden": [32, 32], "out_dim": 10, "activation": "relu"}})
     dataset: str = "digits"
     dataset_args: dict = Field(default_factory=dict)   # extra arguments of the dataset loader
     data_root: Optional[str] = None  # folder or s3:// prefix of datasets that do not ship bundled
-    classes: Optional[list[int]] = None   # keep only these classes, relabelled 0..len-1
+    classes: Optional[list[NonNegInt]] = Field(None, min_length=1)   # keep only these classes, relabelled 0..len-1
     image: bool = False              # feed 1x8x8 images instead of flat vectors
-    split_seed: int = 0
-    n_models: int = 100
-    seed0: int = 0
-    epochs: int = 40
-    batch_size: int = 32
-    lr: float = 3e-3
+    split_seed: NonNegInt = 0
+    n_models: Count = 100
+    seed0: NonNegInt = 0
+    epochs: Count = 40
+    batch_size: Count = 32
+    lr: Positive = 3e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"   # constant: MNIST-1D's own recipe (Adam at 1e-2)
-    weight_decay: float = 0.05
-    cpus_per_model: float = 1.0      # CPUs of each training task
+    weight_decay: NonNeg = 0.05
+    cpus_per_model: Positive = 1.0   # CPUs of each training task
     # models trained together in one task (torch.func, dwf_ray/zoo/lockstep.py); None: chunks for the families
     # that allow it (mlp, cnn1d), one model per task for the others
     models_per_task: Optional[int] = Field(None, ge=1)
-    max_retries: int = 2             # a model whose worker dies is trained 1 + this many times, then an error row
+    max_retries: NonNegInt = 2       # a model whose worker dies is trained 1 + this many times, then an error row
 
 
 class CanonConfig(_Cfg):
     enabled: bool = True             # False: copy weights unchanged (the --no-canon ablation)
     method: Literal["weights", "activations"] = "weights"   # how permutations are found (see dwf_ray/canon)
-    activation_samples: int = 512    # method=activations: training inputs run through each model (their unit
+    activation_samples: Count = 512  # method=activations: training inputs run through each model (their unit
                                      # outputs, all positions, are kept for the reference: mind conv nets)
     residual: bool = False           # transformers: also permute the residual stream (beyond the paper)
-    reference: int = 0               # model index of the reference
-    max_iter: int = 100
-    seed: int = 0
-    min_actors: int = 1
-    max_actors: Optional[int] = None   # None: the pool grows as far as the cluster's CPUs/GPUs allow
-    actor_cpus: float = 0.5
-    actor_gpus: float = 0.0
-    batch_size: int = 8
+    reference: NonNegInt = 0         # model index of the reference
+    max_iter: Count = 100
+    seed: NonNegInt = 0
+    min_actors: Count = 1
+    max_actors: Optional[Count] = None   # None: the pool grows as far as the cluster's CPUs/GPUs allow
+    actor_cpus: Positive = 0.5
+    actor_gpus: NonNeg = 0.0
+    batch_size: Count = 8
     # a checkpoint whose worker dies in its batch is then tried alone 1 + this many times, then an error row
-    max_retries: int = 2
+    max_retries: NonNegInt = 2
 
 
 class PCAConfig(_Cfg):
@@ -67,14 +74,14 @@ class PCAConfig(_Cfg):
     max_k: Optional[int] = 1024
     side: Literal["auto", "gram", "covariance"] = "auto"   # n x n Gram (column shards) or d x d covariance
                                      # (row shards); auto: the smaller one
-    n_shards: int = 2
-    shard_cpus: float = 0.5          # also the BLAS/torch threads of a shard (at least 1)
-    shard_gpus: float = 0.0
-    memory_budget_bytes: int = 2 << 30   # peak memory of one GramShard process: sets its block size, not d
+    n_shards: Count = 2
+    shard_cpus: Positive = 0.5       # also the BLAS/torch threads of a shard (at least 1)
+    shard_gpus: NonNeg = 0.0
+    memory_budget_bytes: Count = 2 << 30   # peak memory of one GramShard process: sets its block size, not d
     engine: Literal["auto", "numpy", "torch"] = "auto"   # auto: torch (on the GPU) when shard_gpus > 0
     compute_dtype: Literal["float32", "float64"] = "float32"   # products; blocks are summed in float64
     input_dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # torch engine: inputs of the products
-    max_restarts: int = 2            # a shard actor (Gram or row side) that dies is restarted and redoes its pass
+    max_restarts: NonNegInt = 2      # a shard actor (Gram or row side) that dies is restarted and redoes its pass
 
     @field_validator("k", "max_k")
     @classmethod
@@ -95,33 +102,33 @@ class PCAConfig(_Cfg):
 
 
 class FlowConfig(_Cfg):
-    hidden: int = 512
-    depth: int = 3
-    time_dim: int = 64
-    dropout: float = 0.1
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    steps: int = 16000
-    batch_size: int = 64             # global batch, split across the DDP workers
-    warmup_steps: int = 200
+    hidden: Count = 512
+    depth: Count = 3
+    time_dim: int = Field(64, ge=2, multiple_of=2)   # sines and cosines: even
+    dropout: float = Field(0.1, ge=0, lt=1)
+    lr: Positive = 5e-4
+    weight_decay: NonNeg = 1e-4
+    steps: Count = 16000
+    batch_size: Count = 64           # global batch, split across the DDP workers
+    warmup_steps: NonNegInt = 200
     scaling: Literal["whiten", "global", "none"] = "whiten"   # latent standardisation
-    source_std: float = 1.0          # the paper's; smaller keeps samples nearer the zoo (digits-mlp: 0.1)
-    sigma: float = 0.001
-    ema_decay: float = 0.999
+    source_std: Positive = 1.0       # the paper's; smaller keeps samples nearer the zoo (digits-mlp: 0.1)
+    sigma: NonNeg = 0.001
+    ema_decay: float = Field(0.999, ge=0, lt=1)
     source: Literal["gaussian", "uniform"] = "gaussian"   # source noise, unit variance per dimension
     time_dist: Literal["uniform", "logit_normal"] = "uniform"   # training times t
     time_loc: float = 0.0            # logit-normal times: t = sigmoid(time_loc + time_scale * N(0, 1))
-    time_scale: float = 1.0
+    time_scale: Positive = 1.0
     schedule: Literal["cosine", "constant"] = "cosine"   # learning rate after the linear warmup
-    p_uncond: float = 0.1            # conditional flows: probability of the null label (classifier-free guidance)
+    p_uncond: float = Field(0.1, ge=0, lt=1)   # conditional flows: probability of the null label (guidance)
     ot_coupling: bool = False
-    holdout_fraction: float = 0.1    # latents held out to choose the checkpoint
-    select_after: float = 0.5        # only checkpoints from this fraction of training on are candidates
-    eval_every: int = 1000
-    num_workers: int = 1
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)   # latents held out to choose the checkpoint
+    select_after: float = Field(0.5, ge=0, lt=1)   # only checkpoints from this fraction of training on are candidates
+    eval_every: Count = 1000
+    num_workers: Count = 1
     use_gpu: Optional[bool] = None   # None: use GPUs when the Ray cluster has them
-    max_failures: int = 2
-    seed: int = 0
+    max_failures: NonNegInt = 2
+    seed: NonNegInt = 0
 
     def resolved_use_gpu(self) -> bool:
         if self.use_gpu is not None:
@@ -135,11 +142,11 @@ class FlowConfig(_Cfg):
 
 
 class SampleConfig(_Cfg):
-    n: int = 100
+    n: Count = 100
     solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "rk4"
-    steps: int = 100
-    temperature: float = 1.0         # source-noise scale at sampling time
-    seed: int = 1234
+    steps: Count = 100
+    temperature: Positive = 1.0         # source-noise scale at sampling time
+    seed: NonNegInt = 1234
 
     @classmethod
     def paper(cls, **overrides) -> "SampleConfig":
@@ -147,20 +154,20 @@ class SampleConfig(_Cfg):
 
 
 class EvalConfig(_Cfg):
-    temperatures: list[float] = [0.7, 1.0, 1.2, 1.5, 1.8]
+    temperatures: list[Positive] = Field(min_length=1, default=[0.7, 1.0, 1.2, 1.5, 1.8])
     # baselines, each at several strengths (dwf_ray/eval/baselines.py)
-    noise_levels: list[float] = [0.1, 0.25, 0.4, 0.6, 0.8, 1.0]   # noise norm / zoo median NN distance
-    layer_noise_levels: list[float] = [0.05, 0.1, 0.2, 0.4]        # noise std / each tensor's RMS
-    average_ks: list[int] = [2, 4, 8, 16]                           # means of k distinct zoo models
-    mix_weights: list[float] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]      # (1 - w) a + w b
-    gaussian_scales: list[float] = [0.25, 0.5, 1.0]                 # N(zoo mean, (scale x zoo std)^2)
-    n_baseline: int = 100
-    accept_novelty: float = 0.5      # an operating point must reach this functional novelty to be accepted
-    bn_recal_batches: int = 20
+    noise_levels: list[Positive] = [0.1, 0.25, 0.4, 0.6, 0.8, 1.0]   # noise norm / zoo median NN distance
+    layer_noise_levels: list[Positive] = [0.05, 0.1, 0.2, 0.4]        # noise std / each tensor's RMS
+    average_ks: list[Count] = [2, 4, 8, 16]                           # means of k distinct zoo models
+    mix_weights: list[Annotated[float, Field(gt=0, le=1)]] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]      # (1 - w) a + w b
+    gaussian_scales: list[Positive] = [0.25, 0.5, 1.0]                 # N(zoo mean, (scale x zoo std)^2)
+    n_baseline: Count = 100
+    accept_novelty: NonNeg = 0.5      # an operating point must reach this functional novelty to be accepted
+    bn_recal_batches: NonNegInt = 20
     compare_no_canon: bool = False   # ablation: also run canon-free PCA/flow/sample for the report
     weight_novelty: bool = True      # diagnostic: distances in weight space up to permutation (costly)
-    nn_candidates: int = 2           # zoo models matched per model, in weight space and in function space each
-    num_gpus: float = 0.0            # GPUs per scoring / matching task (large models); 0: CPU
+    nn_candidates: Count = 2           # zoo models matched per model, in weight space and in function space each
+    num_gpus: NonNeg = 0.0            # GPUs per scoring / matching task (large models); 0: CPU
     # The zoo's own statistics (its nearest-neighbour D and S: the unit of functional novelty; its matched and
     # direct weight distances) cost n^2 comparisons: they are measured on this many zoo models, drawn uniformly
     # without replacement with `seed`, each against the whole zoo (itself left out); on every zoo model when the
@@ -168,7 +175,7 @@ class EvalConfig(_Cfg):
     zoo_sample: int = Field(1000, ge=1)
     chunk_models: int = Field(500, ge=1)   # models per scoring task at most (outputs stay in the object store)
     nn_block: int = Field(2000, ge=1)      # zoo models per nearest-neighbour task (its memory grows with it)
-    seed: int = 7
+    seed: NonNegInt = 7
 
 
 class RunConfig(_Cfg):
@@ -179,6 +186,20 @@ class RunConfig(_Cfg):
     flow: FlowConfig = Field(default_factory=FlowConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> "RunConfig":
+        """Values that bound each other (each alone is checked by its field)."""
+        if self.canon.reference >= self.zoo.n_models:
+            raise ValueError(f"canon.reference={self.canon.reference} is outside [0, zoo.n_models - 1 = "
+                             f"{self.zoo.n_models - 1}]")
+        if self.canon.max_actors is not None and self.canon.max_actors < self.canon.min_actors:
+            raise ValueError(f"canon.max_actors={self.canon.max_actors} is below canon.min_actors="
+                             f"{self.canon.min_actors}")
+        if self.flow.batch_size < self.flow.num_workers:
+            raise ValueError(f"flow.batch_size={self.flow.batch_size} is below flow.num_workers="
+                             f"{self.flow.num_workers} (the batch is split across the workers)")
+        return self
 
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         """Apply ``section.key=value`` overrides (values parsed as JSON, else kept as strings)."""
@@ -210,5 +231,16 @@ class RunConfig(_Cfg):
         try:
             return RunConfig.model_validate(data)
         except ValidationError as exc:
-            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"invalid config value ({bad})") from None
+            raise ValueError(f"invalid config value ({validation_message(exc)})") from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    """Each error as ``key=value: allowed range`` (``key: message`` where the message already names the value)."""
+    parts = []
+    for e in exc.errors():
+        key, msg = ".".join(map(str, e["loc"])) or "config", e["msg"]
+        if msg.startswith("Value error, "):      # our own validators name the value and the range
+            parts.append(f"{key}: {msg}" if e["loc"] else msg.removeprefix("Value error, "))
+        else:
+            parts.append(f"{key}={json.dumps(e['input'], default=str)}: {msg}")
+    return "; ".join(parts)

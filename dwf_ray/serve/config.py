@@ -6,6 +6,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dwf_ray.config import validation_message
+
 MIB = 2 ** 20
 GIB = 2 ** 30
 
@@ -98,7 +100,7 @@ class ServeConfig(BaseModel):
         try:
             return type(self).model_validate(data)
         except ValidationError as exc:
-            raise ValueError(f"invalid serve option ({_errors(exc)})") from None
+            raise ValueError(f"invalid serve option ({validation_message(exc)})") from None
 
 
 class AppArgs(ServeConfig):
@@ -109,7 +111,3 @@ class AppArgs(ServeConfig):
 
     def serve_config(self) -> ServeConfig:
         return ServeConfig.model_validate(self.model_dump(exclude={"root", "token_file"}, exclude_unset=True))
-
-
-def _errors(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
