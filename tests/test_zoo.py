@@ -127,3 +127,17 @@ def test_a_bad_mnist1d_argument_is_one_line_and_exit_2_before_any_work(tmp_path,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not root.exists()
+
+
+def test_mnist1d_is_cached_as_plain_arrays_and_a_bad_cache_file_is_made_again(tmp_path, monkeypatch):
+    from dwf_ray.data import mnist1d_signals
+    monkeypatch.setenv("DWF_CACHE_DIR", str(tmp_path))
+    (train, test) = mnist1d_signals(200, 100, 7)
+    cached = tmp_path / "mnist1d-300-7.npz"
+    assert cached.exists()
+    cached.write_bytes(b"not an npz")
+    (train2, test2) = mnist1d_signals(200, 100, 7)
+    np.testing.assert_array_equal(train2[0], train[0])
+    np.testing.assert_array_equal(test2[1], test[1])
+    with np.load(cached, allow_pickle=False) as f:      # written again, as plain arrays
+        assert f["x"].shape == (300, 40)

@@ -107,19 +107,51 @@ def mnist1d_signals(num_train: int, num_test: int, seed: int):
     """((train x, y), (test x, y)) from the package's generator: one draw of num_train + num_test signals (rounded
     up to whole classes), standardised together as the package does. The generator seeds NumPy's and Python's
     global random state; both are restored afterwards."""
+    total = num_train + num_test
+    samples = -(-total // 10) * 10      # the generator makes whole classes
+    x, y = _cached_npz(f"mnist1d-{samples}-{seed}", lambda: _make_mnist1d(samples, seed),
+                       ((samples, MNIST1D_LENGTH), (samples,)))
+    return (x[:num_train], y[:num_train]), (x[num_train:total], y[num_train:total])
+
+
+def _make_mnist1d(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     import random
     from mnist1d.data import get_dataset_args, make_dataset
     args = get_dataset_args()
-    total = num_train + num_test
-    args.num_samples, args.train_split, args.seed = -(-total // 10) * 10, 1.0, seed
+    args.num_samples, args.train_split, args.seed = num_samples, 1.0, seed
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
         data = make_dataset(args)
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
-    return (x[:num_train], y[:num_train]), (x[num_train:total], y[num_train:total])
+    return data["x"].astype(np.float32), data["y"].astype(np.int64)
+
+
+def _cached_npz(key: str, make, shapes: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of ``shapes``, made once per machine: kept as a plain .npz (no pickles) under DWF_CACHE_DIR (default: the system's
+    temporary folder), written atomically, so that every Ray worker does not build the same set again."""
+    import os
+    import tempfile
+    folder = os.environ.get("DWF_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "dwf-ray-cache")
+    path = os.path.join(folder, f"{key}.npz")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f["x"], f["y"]
+        if (x.shape, y.shape) == shapes and x.dtype == np.float32 and y.dtype == np.int64:
+            return x, y
+    except (OSError, ValueError, KeyError):
+        pass    # absent, unreadable or not what it should be: make it again
+    x, y = make()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x=x, y=y)
+        os.replace(tmp, path)
+    except OSError:
+        pass    # a read-only machine: no cache, same data
+    return x, y
 
 
 def _source(name: str, data_root: str | None, args: dict):
