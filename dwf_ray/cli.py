@@ -219,7 +219,8 @@ def presets():
 
 def entry() -> None:
     """The ``dwf`` console script (and ``jobs/run.py``): problems a user can act on (a missing bucket, object or
-    file, access denied, an endpoint that does not answer) become one line and exit code 2."""
+    file, access denied, an endpoint that does not answer, a root another run holds) become one line and exit
+    code 2; a stage that fails for another reason is one line naming it and the cause, and exit code 1."""
     import sys
     from dwf_ray.store import StoreError
     try:
@@ -227,6 +228,12 @@ def entry() -> None:
     except (StoreError, FileNotFoundError, PermissionError) as exc:   # here, or in a Ray task (its cause)
         typer.echo(f"dwf: error: {getattr(exc, 'cause', None) or exc}", err=True)
         sys.exit(2)
+    except Exception as exc:
+        from dwf_ray.pipeline import StageFailed   # only a stage that ran can raise it (its module is loaded)
+        if not isinstance(exc, StageFailed):
+            raise
+        typer.echo(f"dwf: error: {exc}", err=True)   # the traceback is in the run's log
+        sys.exit(1)
 
 
 if __name__ == "__main__":

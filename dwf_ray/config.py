@@ -191,13 +191,13 @@ class RunConfig(_Cfg):
     def _sizes_agree(self) -> "RunConfig":
         """Values that bound each other (each alone is checked by its field)."""
         if self.canon.reference >= self.zoo.n_models:
-            raise ValueError(f"canon.reference={self.canon.reference} is outside [0, zoo.n_models - 1 = "
+            raise ValueError(f"canon.reference={self.canon.reference}: outside [0, zoo.n_models - 1 = "
                              f"{self.zoo.n_models - 1}]")
         if self.canon.max_actors is not None and self.canon.max_actors < self.canon.min_actors:
-            raise ValueError(f"canon.max_actors={self.canon.max_actors} is below canon.min_actors="
+            raise ValueError(f"canon.max_actors={self.canon.max_actors}: below canon.min_actors="
                              f"{self.canon.min_actors}")
         if self.flow.batch_size < self.flow.num_workers:
-            raise ValueError(f"flow.batch_size={self.flow.batch_size} is below flow.num_workers="
+            raise ValueError(f"flow.batch_size={self.flow.batch_size}: below flow.num_workers="
                              f"{self.flow.num_workers} (the batch is split across the workers)")
         return self
 

@@ -9,12 +9,14 @@ import importlib
 import os
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 from dwf_ray import store
 from dwf_ray.config import RunConfig
+from dwf_ray.lease import lease_for
 from dwf_ray.resources import StageMeter
 from dwf_ray.runtime import ensure_ray, quiet_logs
 from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore
@@ -42,12 +44,17 @@ _BY_NAME = {s.name: s for s in STAGES}
 VARIANT_STAGES = ("canon", "pca", "flow", "sample")   # what the no-canon variant redoes on the shared zoo
 
 
+class StageFailed(RuntimeError):
+    """A stage that raised: one line naming the stage and the cause; the traceback is in the run's log."""
+
+
 class Pipeline:
     def __init__(self, root: str, cfg: RunConfig | None = None, restart_from: str | None = None,
                  zoo_root: str | None = None, log=print, quiet: bool = False):
         """``quiet``: Ray's and the libraries' log lines go to <root>/logs/dwf.log instead of the terminal."""
         self.store = RunStore(root, zoo_root)
         self.log, self.quiet = log, quiet
+        self._lease, self._holds = lease_for(self.store.root), 0
         cfg_uri = self.store.uri("config.json")
         saved = RunConfig.model_validate(store.read_json(cfg_uri)) if store.exists(cfg_uri) else None
         if cfg is None:
@@ -57,17 +64,32 @@ class Pipeline:
         if restart_from:
             if restart_from not in STAGE_NAMES:
                 raise ValueError(f"unknown stage {restart_from!r}; stages: {', '.join(STAGE_NAMES)}")
-            for stage in STAGES[STAGE_NAMES.index(restart_from):]:
-                self.store.clear(stage.folder)
-                self.store.clear(f"{NO_CANON}/{stage.folder}")
         elif saved is not None and saved != cfg:
             raise ValueError(f"{self.store.root} was made with a different config; use another --name/--root, "
                              f"or --restart-from STAGE to redo that stage and the ones after it")
         from dwf_ray.zoo import check_zoo_config
         check_zoo_config(cfg.zoo)
         self.cfg = cfg
-        if saved != cfg:   # a finished root is opened without touching its files
-            store.write_json(cfg_uri, cfg.model_dump())
+        if restart_from or saved != cfg:   # a finished root is opened without touching its files (or the lease)
+            with self.holding():
+                for stage in STAGES[STAGE_NAMES.index(restart_from):] if restart_from else ():
+                    self.store.clear(stage.folder)
+                    self.store.clear(f"{NO_CANON}/{stage.folder}")
+                store.write_json(cfg_uri, cfg.model_dump())
+
+    @contextmanager
+    def holding(self):
+        """This run holds its root while the block runs (nested blocks share one lease); another live run
+        holding it is a RootHeld error naming it (dwf_ray/lease.py)."""
+        if self._holds == 0:
+            self._lease.acquire()
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if self._holds == 0:
+                self._lease.release()
 
     @property
     def arch(self):
@@ -80,14 +102,25 @@ class Pipeline:
         if self.store.done(stage.folder):
             self.log(f"[{name}] complete in {self.store.uri(stage.folder)}: skipped")
             return self.store.stage_info(stage.folder)
-        with self.logs():
-            ensure_ray(quiet=self.quiet)
-            if name == "eval" and self.cfg.eval.compare_no_canon and self.cfg.canon.enabled:
-                self.no_canon_variant()
-            self.log(f"[{name}] running")
-            t0 = time.perf_counter()
-            with StageMeter() as meter:
-                info = (function or stage.load())(self.cfg, self.store)
+        with self.holding():
+            return self._run_held(stage, function)
+
+    def _run_held(self, stage: Stage, function: Callable[[RunConfig, RunStore], dict] | None) -> dict:
+        name = stage.name
+        try:
+            with self.logs():
+                ensure_ray(quiet=self.quiet)
+                if name == "eval" and self.cfg.eval.compare_no_canon and self.cfg.canon.enabled:
+                    self.no_canon_variant()
+                self.log(f"[{name}] running")
+                t0 = time.perf_counter()
+                with StageMeter() as meter:
+                    info = (function or stage.load())(self.cfg, self.store)
+        except (StageFailed, store.StoreError, FileNotFoundError, PermissionError) as exc:   # one line already
+            self.append_log("".join(traceback.format_exception(exc)))
+            raise
+        except Exception as exc:
+            raise self._failed(name, exc) from exc
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info |= meter.result()
         self.store.mark_done(stage.folder, info)
@@ -110,9 +143,27 @@ class Pipeline:
                 yield
         finally:
             if not local:
-                before = store.read_bytes(uri) if store.exists(uri) else b""
                 with open(path, "rb") as f:
-                    store.write_bytes(uri, before + f.read())
+                    self.append_log(f.read().decode(errors="replace"))
+
+    def _failed(self, name: str, exc: Exception) -> StageFailed:
+        """The traceback of a stage's exception goes to the run's log; the one line names the stage and cause."""
+        log_uri = self.append_log(f"[{name}] failed\n" + "".join(traceback.format_exception(exc)))
+        cause = getattr(exc, "cause", None) or exc        # a Ray task's error carries the task's own exception
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        return StageFailed(f"stage {name} failed: {type(cause).__name__}{': ' + first if first else ''} "
+                           f"(traceback in {log_uri}; rerun the same command to resume)")
+
+    def append_log(self, text: str) -> str:
+        """Append ``text`` to <root>/logs/dwf.log (on S3 the object is rewritten); its URI."""
+        uri = self.store.uri("logs", "dwf.log")
+        if store.is_local(uri):
+            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            with open(uri, "a") as f:
+                f.write(text)
+        else:
+            store.write_bytes(uri, (store.read_bytes(uri) if store.exists(uri) else b"") + text.encode())
+        return uri
 
     def _log_errors(self, name: str, info: dict) -> None:
         """Rows that a stage kept as errors, each with its reason (the manifest has them too)."""
@@ -139,8 +190,9 @@ class Pipeline:
 
     def run(self, stages=STAGE_NAMES) -> dict:
         t0 = time.perf_counter()
-        for name in stages:
-            self.run_stage(name)
+        with self.holding():
+            for name in stages:
+                self.run_stage(name)
         total = time.perf_counter() - t0
         if "eval" in stages:
             self.print_summary(total)
