@@ -124,11 +124,12 @@ class S3Lease(Lease):
             if explained is exc:
                 raise
             raise explained from exc
-        self._stop.clear()
+        self._stop, self.lost = threading.Event(), False    # one heartbeat thread per hold
         threading.Thread(target=self._beat, name="dwf-lease-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.info["ttl"] / 4):
+        stop = self._stop
+        while not stop.wait(self.info["ttl"] / 4):
             try:
                 self._etag = self._put(IfMatch=self._etag)
             except (FileNotFoundError, FileExistsError) as exc:
