@@ -48,6 +48,12 @@ class Lease:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def check(self) -> None:
+        """Raise RootHeld if another run took this lease over (an S3 holder that stalled past its ttl)."""
+        if getattr(self, "lost", False):
+            raise RootHeld(f"{self.root}: another run took over this run's lease (no heartbeat for its ttl); "
+                           "this run's last stage is not marked complete")
+
 
 class LocalLease(Lease):
     def __init__(self, root: str):
@@ -113,7 +119,9 @@ class S3Lease(Lease):
             raise RootHeld(_holder_text(self.root, held))
         try:
             self._etag = self._put(IfMatch=etag)     # the stale lease, unless another run took it first
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.EINVAL and not isinstance(exc, FileNotFoundError):
+                raise                     # not a failed condition: the endpoint's own error
             raise RootHeld(_holder_text(self.root, self._read()[0])) from None
 
     def acquire(self) -> None:
@@ -132,7 +140,7 @@ class S3Lease(Lease):
         while not stop.wait(self.info["ttl"] / 4):
             try:
                 self._etag = self._put(IfMatch=self._etag)
-            except (FileNotFoundError, FileExistsError) as exc:
+            except (FileNotFoundError, FileExistsError):
                 self.lost = True          # removed or taken over: the If-Match failed
                 return
             except OSError as exc:

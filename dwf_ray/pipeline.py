@@ -123,6 +123,7 @@ class Pipeline:
             raise self._failed(name, exc) from exc
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info |= meter.result()
+        self._lease.check()
         self.store.mark_done(stage.folder, info)
         self._log_errors(name, info)
         self.log(f"[{name}] done in {info['seconds']:.1f} s")
