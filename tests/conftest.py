@@ -101,6 +101,10 @@ def family_examples() -> dict:
         "bert": ArchSpec("bert", {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2,
                                   "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 16,
                                   "num_labels": 3}),
+        "mz-cnn": ArchSpec("mz-cnn", {"in_channels": 1, "image_size": 28, "activation": "leakyrelu"}),
+        "mz-cnn-dropout-rgb": ArchSpec("mz-cnn", {"in_channels": 3, "image_size": 28, "activation": "tanh",
+                                                  "dropout": 0.2}),
+        "mz-cnn3": ArchSpec("mz-cnn3", {"in_channels": 3, "image_size": 32, "activation": "gelu"}),
     }
 
 

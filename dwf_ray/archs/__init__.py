@@ -67,3 +67,4 @@ from dwf_ray.archs import cnn1d as _cnn1d  # noqa: E402,F401  (registers "cnn1d"
 from dwf_ray.archs import resnet as _resnet  # noqa: E402,F401  (registers "resnet18", "resnet20")
 from dwf_ray.archs import vit as _vit  # noqa: E402,F401  (registers "vit")
 from dwf_ray.archs import bert as _bert  # noqa: E402,F401  (registers "bert")
+from dwf_ray.archs import mzcnn as _mzcnn  # noqa: E402,F401  (registers "mz-cnn", "mz-cnn3")
