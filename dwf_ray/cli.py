@@ -88,14 +88,27 @@ def _arch_json(value: str) -> str:
 
 @zoo_app.command("import")
 def zoo_import(source: str = typer.Argument(..., help="folder or s3:// prefix: transformers save_pretrained folders "
-                                                      "(config.json + weights), .safetensors/.pt/.pth/.bin files"),
+                                                      "(config.json + weights), .safetensors/.pt/.pth/.bin files, "
+                                                      "or a Model Zoo (Ray Tune model folders with params.json)"),
                arch: Optional[str] = typer.Option(None, "--arch", help='ArchSpec JSON, e.g. {"family": "mlp", '
                                                   '"args": {...}}, or @FILE holding it; default: what the files say '
-                                                  "(a config.json, our safetensors metadata)"),
-               dataset: str = typer.Option("digits", "--dataset"), preset: str = typer.Option("digits-mlp", "--preset"),
+                                                  "(a config.json, our safetensors metadata, a Model Zoo's params.json)"),
+               dataset: Optional[str] = typer.Option(None, "--dataset", help="the run's data (default: digits; for a "
+                                                     "Model Zoo: zoo, its own dataset.pt)"),
+               preset: str = typer.Option("digits-mlp", "--preset"),
+               epoch: Optional[int] = typer.Option(None, "--epoch", help="Model Zoo: the checkpoint epoch to import "
+                                                   "(default: the zoo's last)"),
+               max_abs_weight: Optional[float] = typer.Option(None, "--max-abs-weight", help="Model Zoo: models with "
+                                                              "a weight above this in absolute value become error rows"),
                root: Optional[str] = _ROOT, name: Optional[str] = _NAME, set_: List[str] = _SET):
     """Import checkpoints trained elsewhere as the zoo of a run root; each unusable file keeps an error row."""
     import json
+    from dwf_ray.zoo.modelzoo import is_model_zoo
+    if is_model_zoo(source):
+        _import_model_zoo(source, arch, dataset, preset, epoch, max_abs_weight, root, name, list(set_))
+        return
+    if epoch is not None or max_abs_weight is not None:
+        fail(f"--epoch and --max-abs-weight are for Model Zoo folders; {source} is not one")
     if arch is None:
         from dwf_ray.zoo.formats import FormatError, infer_arch
         try:
@@ -105,8 +118,35 @@ def zoo_import(source: str = typer.Argument(..., help="folder or s3:// prefix: t
         typer.echo(f"[zoo] architecture from the files: {arch_json}")
     else:
         arch_json = _arch_json(arch)
-    overrides = list(set_) + [f"zoo.arch={arch_json}", f"zoo.dataset={json.dumps(dataset)}"]
+    overrides = list(set_) + [f"zoo.arch={arch_json}", f"zoo.dataset={json.dumps(dataset or 'digits')}"]
     _pipeline(preset, root, name, overrides).import_zoo(source)
+
+
+def _import_model_zoo(source: str, arch: Optional[str], dataset: Optional[str], preset: str, epoch: Optional[int],
+                      max_abs_weight: Optional[float], root: Optional[str], name: Optional[str], overrides: list):
+    """`dwf zoo import` of a Model Zoo folder: the architecture from every params.json (one, or refused), the data
+    from its dataset.pt unless --dataset says otherwise."""
+    import json
+    from dwf_ray.zoo.formats import FormatError, common_arch
+    from dwf_ray.zoo.modelzoo import model_folders, read_all_params, run_modelzoo_import
+    if epoch is not None and epoch < 0:
+        fail(f"--epoch {epoch}: must be >= 0")
+    if max_abs_weight is not None and not max_abs_weight > 0:
+        fail(f"--max-abs-weight {max_abs_weight}: must be > 0")
+    try:
+        found = common_arch([f for _, f in read_all_params(model_folders(source))], source)
+    except (FormatError, FileNotFoundError) as exc:
+        fail(str(exc))
+    arch_json = _arch_json(arch) if arch else found.to_json()
+    if arch_json != found.to_json():
+        fail(f"--arch {arch_json} differs from what the zoo's params.json say: {found.to_json()}")
+    typer.echo(f"[zoo] Model Zoo folder; architecture from params.json: {arch_json}")
+    dataset = dataset or "zoo"
+    extra = [f"zoo.arch={arch_json}", f"zoo.dataset={json.dumps(dataset)}"]
+    if dataset == "zoo" and not any(o.startswith("zoo.data_root=") for o in overrides):
+        extra.append(f"zoo.data_root={json.dumps(source)}")
+    pipe = _pipeline(preset, root, name, overrides + extra)
+    pipe.run_stage("zoo", lambda cfg, st: run_modelzoo_import(cfg, st, source, epoch, max_abs_weight))
 
 
 app.command("import", hidden=True)(zoo_import)   # the earlier spelling, `dwf import`
@@ -135,7 +175,8 @@ for _stage, _doc in [
 @app.command()
 def export(root: str = typer.Option(..., "--root", help="run root whose sample stage is complete"),
            format_: str = typer.Option(..., "--format", help="hf (transformers folders, bert), torchvision "
-                                                             "(state_dict .pt files), safetensors (ours)"),
+                                                             "(state_dict .pt files), safetensors (ours), modelzoo "
+                                                             "(the public Model Zoos' own folders)"),
            out: str = typer.Option(..., "--out", help="folder or s3:// prefix to write the models to"),
            no_recalibrate: bool = typer.Option(False, "--no-recalibrate", help="torchvision: keep default BatchNorm "
                                                "statistics instead of recalibrating on the training split")):

@@ -50,6 +50,7 @@ DATASETS: dict[str, tuple[str, dict]] = {
     "mnist1d": ("signal", {"num_train": 4000, "num_test": 10000, "seed": 42, "val_fraction": 0.1}),
     **{name: ("image", {"val_fraction": 0.1, "max_train": None})
        for name in ("cifar10", "mnist", "fashion-mnist", "stl10")},
+    "zoo": ("tensors", {"val_fraction": 0.1}),   # a Model Zoo's own dataset.pt (dwf_ray/data/modelzoo.py)
 }
 
 
@@ -231,6 +232,9 @@ def load_dataset(name: str, split_seed: int = 0, val_fraction: float = 0.2, test
     """
     args = dataset_args(name, json.loads(args_json))
     kind = DATASETS[name][0]
+    if kind == "tensors":
+        from dwf_ray.data.modelzoo import zoo_dataset
+        return zoo_dataset(data_root, split_seed, args["val_fraction"], classes)
     if image and name != "digits" and kind != "image":
         raise ValueError(f"dataset {name!r} has no image form")
     pool, test = _source(name, data_root, args)
