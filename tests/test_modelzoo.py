@@ -197,6 +197,26 @@ def test_dataset_pt_is_read_without_running_anything_in_it(zoo, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_zoo_on_s3_reads_as_the_local_one(zoo, s3_server):
+    """Folder names with "::" (Ray Tune's config keys) included: they are object keys, not chained URLs."""
+    import boto3
+    from dwf_ray.data import load_dataset
+    from dwf_ray.zoo.modelzoo import read_zoo_state, scan_zoo
+    bucket = s3_server()
+    client = boto3.client("s3")
+    for path in zoo.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"zoos/{zoo.name}/{path.relative_to(zoo)}")
+    source = f"s3://{bucket}/zoos/{zoo.name}"
+    (arch, epoch, remote), (_, _, local) = scan_zoo(source, None), scan_zoo(str(zoo), None)
+    assert arch == ARCH and epoch == EPOCHS
+    assert remote["seed"].tolist() == local["seed"].tolist() and remote["hparams"].tolist() == local["hparams"].tolist()
+    assert [bool(e) for e in remote["scan_error"]] == [bool(e) for e in local["scan_error"]]
+    ours, theirs = read_zoo_state(remote["source_uri"][1], ARCH, None), read_zoo_state(local["source_uri"][1], ARCH, None)
+    assert "::" in remote["source_uri"][1] and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert len(load_dataset("zoo", data_root=source).test) == 397
+
+
 def test_mixed_architectures_are_refused_naming_the_odd_ones_out(zoo, tmp_path):
     from dwf_ray.cli import app
     mixed = tmp_path / "mixed"

@@ -65,10 +65,10 @@ def read_bytes(uri: str) -> bytes:
         raise explained from exc
 
 
-def model_folders(source: str, files: list[str] | None = None) -> list[ModelFolder]:
+def model_folders(source: str) -> list[ModelFolder]:
     """Every folder directly under ``source`` that holds a ``params.json``, in name order."""
     folders: dict[str, ModelFolder] = {}
-    for uri in store.list_files(source) if files is None else files:
+    for uri in store.list_files(source):
         parts = _relative(uri, source).split("/")
         if len(parts) < 2:
             continue
