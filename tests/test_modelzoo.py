@@ -183,6 +183,29 @@ def test_layers_are_read_from_the_keys_present_with_and_without_dropout(zoo):
         read_zoo_state(str(ckpt), ARCH, 1e-3)
 
 
+def test_a_resnet18_zoo_model_is_the_resnet18_family_with_the_cifar_stem(tmp_path):
+    """The zoos' Resnet18: torchvision's, conv1 a 3x3 stride-1 conv, no max-pool (written here from that layout)."""
+    import torchvision
+    from dwf_ray.weights import to_module
+    from dwf_ray.zoo.modelzoo import arch_from_params, read_zoo_state
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(num_classes=10)
+    theirs.conv1, theirs.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(theirs.state_dict(), tmp_path / "checkpoints")
+    arch = arch_from_params({"model::type": "Resnet18", "model::channels_in": 3, "model::o_dim": 10,
+                             "model::nlin": "relu", "model::dropout": 0.0})
+    assert arch == ArchSpec("resnet18", {"num_classes": 10, "in_channels": 3, "cifar_stem": True})
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ours = to_module(arch, read_zoo_state(str(tmp_path / "checkpoints"), arch, None))(x)
+        np.testing.assert_allclose(ours.numpy(), theirs.eval()(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_dataset_pt_is_read_without_running_anything_in_it(zoo, tmp_path):
     from dwf_ray.data import load_dataset
     data = load_dataset("zoo", data_root=str(zoo))

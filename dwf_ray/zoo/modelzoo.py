@@ -174,10 +174,11 @@ def epoch_result(folder: str, epoch: int) -> dict:
                           f"(cut short, or the trial stopped earlier)")
 
 
-def _metric(row: dict, key: str) -> float | None:
+def _metric(row: dict, key: str) -> float:
+    """A result.json accuracy, NaN where the zoo has none (epoch 0's -999, or no such key)."""
     value = row.get(key)
     if not isinstance(value, (int, float)) or value == MISSING_METRIC or not math.isfinite(value):
-        return None
+        return math.nan
     return float(value)
 
 
@@ -220,8 +221,8 @@ def _import_zoo_batch(batch: pd.DataFrame, arch_json: str, epoch: int, max_abs_w
             row.update(n_params=int(sum(v.size for v in state.values())), sha256=sha256, status="ok", error="",
                        **{f"{k}_acc": _metric(result, f"{k}_acc") for k in ("train", "val", "test")})
         except Exception as exc:  # a bad model becomes an error row naming its folder; the import goes on
-            row.update(uri=row["folder"], n_params=0, sha256="", status="error",
-                       error=row_error(row["source_uri"] or row["folder"], exc))
+            row.update(uri=row["folder"], n_params=0, sha256="", status="error", train_acc=math.nan,
+                       val_acc=math.nan, test_acc=math.nan, error=row_error(row["source_uri"] or row["folder"], exc))
         rows.append(row)
     return pd.DataFrame(rows)
 
