@@ -291,6 +291,7 @@ def _load_exported(folder: Path, dataset: dict) -> tuple[nn.Module, float]:
 
 
 def test_a_downloaded_zoo_goes_through_every_stage_and_exports_back(zoo, tmp_path, ray_session):
+    from dwf_ray.zoo.modelzoo import scan_zoo
     root = tmp_path / "run"
     out = dwf("zoo", "import", str(zoo), "--root", str(root), "--preset", SMOKE, "--set", "eval.compare_no_canon=false",
               "--set", "flow.num_workers=1", "--set", "sample.n=6", "--set", "eval.n_baseline=8")
@@ -306,6 +307,9 @@ def test_a_downloaded_zoo_goes_through_every_stage_and_exports_back(zoo, tmp_pat
     samples = pd.read_parquet(root / "samples" / "manifest.parquet")
     samples = samples[samples["status"] == "ok"]
     assert len(folders_of(exported)) == len(samples) == 6
+    arch, epoch, again = scan_zoo(str(exported), None)    # a zoo folder again, its dataset.pt beside the models
+    assert arch == ARCH and epoch == EPOCHS and len(again) == 6 and not any(again["scan_error"])
+    assert (exported / "dataset.pt").read_bytes() == (zoo / "dataset.pt").read_bytes()
     x = dataset["testset"].tensors[0][:64]
     for folder, uri in zip(folders_of(exported), samples.sort_values("model_id")["uri"]):
         model, _ = _load_exported(folder, dataset)

@@ -216,8 +216,8 @@ def _import_zoo_batch(batch: pd.DataFrame, arch_json: str, epoch: int, max_abs_w
                 raise CheckpointError(row["scan_error"])
             result = epoch_result(row["folder"], epoch)
             state = read_zoo_state(row["source_uri"], arch, max_abs_weight)
-            sha256 = save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"], "epoch": epoch,
-                                                                      "seed": row["seed"]})
+            sha256 = save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"], "epoch": int(epoch),
+                                                                      "seed": int(row["seed"])})
             row.update(n_params=int(sum(v.size for v in state.values())), sha256=sha256, status="ok", error="",
                        **{f"{k}_acc": _metric(result, f"{k}_acc") for k in ("train", "val", "test")})
         except Exception as exc:  # a bad model becomes an error row naming its folder; the import goes on
