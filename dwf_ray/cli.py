@@ -92,14 +92,16 @@ def zoo_import(source: str = typer.Argument(..., help="folder or s3:// prefix: t
                                                       "or a Model Zoo (Ray Tune model folders with params.json)"),
                arch: Optional[str] = typer.Option(None, "--arch", help='ArchSpec JSON, e.g. {"family": "mlp", '
                                                   '"args": {...}}, or @FILE holding it; default: what the files say '
-                                                  "(a config.json, our safetensors metadata, a Model Zoo's params.json)"),
+                                                  "(a config.json, our safetensors metadata, a Model Zoo's "
+                                                  "params.json)"),
                dataset: Optional[str] = typer.Option(None, "--dataset", help="the run's data (default: digits; for a "
                                                      "Model Zoo: zoo, its own dataset.pt)"),
                preset: str = typer.Option("digits-mlp", "--preset"),
                epoch: Optional[int] = typer.Option(None, "--epoch", help="Model Zoo: the checkpoint epoch to import "
                                                    "(default: the zoo's last)"),
-               max_abs_weight: Optional[float] = typer.Option(None, "--max-abs-weight", help="Model Zoo: models with "
-                                                              "a weight above this in absolute value become error rows"),
+               max_abs_weight: Optional[float] = typer.Option(None, "--max-abs-weight", help="Model Zoo: models "
+                                                              "with a weight above this in absolute value become "
+                                                              "error rows"),
                root: Optional[str] = _ROOT, name: Optional[str] = _NAME, set_: List[str] = _SET):
     """Import checkpoints trained elsewhere as the zoo of a run root; each unusable file keeps an error row."""
     import json
@@ -258,23 +260,63 @@ def presets():
         typer.echo(key)
 
 
-def entry() -> None:
-    """The ``dwf`` console script (and ``jobs/run.py``): problems a user can act on (a missing bucket, object or
-    file, access denied, an endpoint that does not answer, a root another run holds) become one line and exit
-    code 2; a stage that fails for another reason is one line naming it and the cause, and exit code 1."""
-    import sys
+_SIGNALLED: list = []    # the SIGINT/SIGTERM that stopped this command, if one did
+
+
+def _stop_on_signal(signum, frame) -> NoReturn:
+    """SIGINT or SIGTERM: leave whatever runs now; ``entry`` then stops Ray and exits with 128 + the signal."""
+    _SIGNALLED.append(signum)
+    raise SystemExit(128 + signum)
+
+
+def _run_app():
+    """The command's exit status (what ``sys.exit`` takes); problems become the one line ``entry`` promises."""
     from dwf_ray.store import StoreError
     try:
         app()
+    except SystemExit as exc:
+        return exc.code
     except (StoreError, FileNotFoundError, PermissionError) as exc:   # here, or in a Ray task (its cause)
+        if _SIGNALLED:
+            return 1
         typer.echo(f"dwf: error: {getattr(exc, 'cause', None) or exc}", err=True)
-        sys.exit(2)
+        return 2
     except Exception as exc:
         from dwf_ray.pipeline import StageFailed   # only a stage that ran can raise it (its module is loaded)
+        if _SIGNALLED:      # what the interrupted code raised on its way out: the signal is the news
+            return 1
         if not isinstance(exc, StageFailed):
             raise
         typer.echo(f"dwf: error: {exc}", err=True)   # the traceback is in the run's log
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    """The ``dwf`` console script (and ``jobs/run.py``): problems a user can act on (a missing bucket, object or
+    file, access denied, an endpoint that does not answer, a root another run holds) become one line and exit
+    code 2; a stage that fails for another reason is one line naming it and the cause, and exit code 1.
+
+    However the command ends (done, an error, SIGINT or SIGTERM), the local Ray it started stops with every
+    process of its session (``runtime.shutdown``); a signal is one line and exit code 128 + its number (130, 143).
+    """
+    import signal
+    import sys
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _stop_on_signal)
+        code = _run_app()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)       # stopping Ray is not interrupted half-way
+        if "ray" in sys.modules:
+            from dwf_ray.runtime import shutdown
+            shutdown()
+    if _SIGNALLED:
+        typer.echo(f"dwf: stopped by {signal.Signals(_SIGNALLED[0]).name}; the same command resumes the run",
+                   err=True)
+        sys.exit(128 + _SIGNALLED[0])
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ def test_a_zoo_on_s3_reads_as_the_local_one(zoo, s3_server):
     assert arch == ARCH and epoch == EPOCHS
     assert remote["seed"].tolist() == local["seed"].tolist() and remote["hparams"].tolist() == local["hparams"].tolist()
     assert [bool(e) for e in remote["scan_error"]] == [bool(e) for e in local["scan_error"]]
-    ours, theirs = read_zoo_state(remote["source_uri"][1], ARCH, None), read_zoo_state(local["source_uri"][1], ARCH, None)
+    ours = read_zoo_state(remote["source_uri"][1], ARCH, None)
+    theirs = read_zoo_state(local["source_uri"][1], ARCH, None)
     assert "::" in remote["source_uri"][1] and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
     assert len(load_dataset("zoo", data_root=source).test) == 397
 

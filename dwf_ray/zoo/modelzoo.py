@@ -253,4 +253,5 @@ def run_modelzoo_import(cfg: RunConfig, st: RunStore, source: str, epoch: int | 
     man = import_model_zoo(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, st.stage_uri("zoo"), epoch,
                            max_abs_weight)
     store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
-    return store.counts(man) | {"source": source, "epoch": int(man["epoch"].iloc[0])}
+    return store.counts(man) | {"source": source, "epoch": int(man["epoch"].iloc[0]),
+                                "max_abs_weight": max_abs_weight}
