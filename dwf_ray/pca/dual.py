@@ -58,13 +58,13 @@ def choose_k(values: np.ndarray, total: float, n: int, k: int | None = None,
 def top_eigen(centred: np.ndarray, k: int | None = None, variance_target: float | None = None,
               max_k: int | None = None, n: int | None = None) -> Eigen:
     """Exact ``eigh`` of a centred Gram matrix (n defaults to its size) or of a centred d x d covariance of
-    n models; k by ``choose_k``. When at most k (or max_k) of m eigenpairs can be kept and that is under m / 2,
-    only those are computed (LAPACK's MRRR on a subset: the reduction to tridiagonal form, about a third of a
-    full ``eigh``); the trace gives the total variance either way."""
+    n models; k by ``choose_k``. When at most k (or max_k) of m eigenpairs can be kept and that is under m / 4,
+    only those are computed (LAPACK's MRRR on a subset; measured on a 2,698 x 2,698 covariance: half the time of
+    a full ``eigh`` for 10 % of the eigenpairs, the same time for 38 %); the trace gives the total variance."""
     n, m = len(centred) if n is None else n, len(centred)
     total = float(np.trace(centred))
     most = k or max_k
-    if most is not None and most < m // 2:
+    if most is not None and most < m // 4:
         import scipy.linalg
         vals, vecs = scipy.linalg.eigh(centred, subset_by_index=[m - most, m - 1], driver="evr")
     else:
