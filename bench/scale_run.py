@@ -38,14 +38,15 @@ def stage_rows(pipe: Pipeline) -> dict:
             row["bytes"] = checkpoint_bytes(pipe, stage.name)
         elif stage.name == "pca":
             meta = store.read_json(pipe.store.uri(stage.folder, "meta.json"))
-            row["bytes"] = int(sum(s.get("bytes_read", 0) for s in meta["shards"]))
+            actors = meta.get("row_shards") or meta["shards"]      # the covariance side's actors are row shards
+            row["bytes"] = int(sum(s.get("bytes_read", 0) for s in actors))
             row["k"], row["side"] = meta["k"], meta.get("side", "gram")
         rows[stage.name] = row
     return rows
 
 
 def fmt_bytes(b) -> str:
-    return "-" if b is None else f"{b / 2**20:,.0f} MB"
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
 
 
 def print_table(results: dict[int, dict]) -> None:

@@ -48,6 +48,21 @@ class StageFailed(RuntimeError):
     """A stage that raised: one line naming the stage and the cause; the traceback is in the run's log."""
 
 
+def check_sizes(cfg: RunConfig) -> None:
+    """What can be checked before any work: the dataset's arguments, how the zoo is grouped into tasks, and
+    whether a zoo of ``zoo.n_models`` fits the PCA's memory budget (a ValueError naming the key)."""
+    from dwf_ray.archs import ArchSpec
+    from dwf_ray.pca.shards import check_fits
+    from dwf_ray.weights import WeightLayout
+    from dwf_ray.zoo import check_zoo_config
+    check_zoo_config(cfg.zoo)
+    d = WeightLayout.from_arch(ArchSpec.parse(cfg.zoo.arch)).size
+    try:
+        check_fits(cfg.zoo.n_models, d, cfg.pca)
+    except ValueError as exc:
+        raise ValueError(f"zoo.n_models={cfg.zoo.n_models} (d={d:,} parameters): {exc}") from None
+
+
 class Pipeline:
     def __init__(self, root: str, cfg: RunConfig | None = None, restart_from: str | None = None,
                  zoo_root: str | None = None, log=print, quiet: bool = False):
@@ -67,8 +82,7 @@ class Pipeline:
         elif saved is not None and saved != cfg:
             raise ValueError(f"{self.store.root} was made with a different config; use another --name/--root, "
                              f"or --restart-from STAGE to redo that stage and the ones after it")
-        from dwf_ray.zoo import check_zoo_config
-        check_zoo_config(cfg.zoo)
+        check_sizes(cfg)
         self.cfg = cfg
         if restart_from or saved != cfg:   # a finished root is opened without touching its files (or the lease)
             with self.holding():

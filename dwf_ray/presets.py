@@ -60,7 +60,7 @@ PRESETS: dict[str, dict] = {
                  "zoo.arch": {"family": "mlp", "args": {"in_dim": 4, "hidden": [16, 16], "out_dim": 3}}},
     "mnist1d-mlp": {**_MNIST1D, "zoo.epochs": 150, "zoo.arch": _MNIST1D_MLP},
     "mnist1d-cnn": {**_MNIST1D, "zoo.epochs": 100, "zoo.arch": _MNIST1D_CNN},
-    "mnist1d-mlp-scale": {**_MNIST1D, "zoo.epochs": 30, "zoo.n_models": 1000, "zoo.arch": {
+    "mnist1d-mlp-scale": {**_MNIST1D, "zoo.epochs": 30, "zoo.n_models": 1000, "canon.batch_size": 128, "pca.max_k": 256, "zoo.arch": {
         "family": "mlp", "args": {"in_dim": 40, "hidden": [32, 32], "out_dim": 10}}},
     # two conv-BN-ReLU-pool blocks on the 1x8x8 digits
     "digits-cnn": {**_FAMILY, "zoo.image": True, "zoo.n_models": 64, "zoo.epochs": 30, "zoo.arch": {

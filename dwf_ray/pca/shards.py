@@ -41,6 +41,18 @@ def choose_side(n: int, d: int, side: str = "auto") -> str:
     return ("gram" if n <= d else "covariance") if side == "auto" else side
 
 
+def check_fits(n: int, d: int, cfg: PCAConfig) -> None:
+    """Before any work: a zoo of n models of d parameters fits the PCA's memory budget on the side it would use
+    (a ValueError naming pca.memory_budget_bytes otherwise)."""
+    engine = _check(cfg)
+    if choose_side(n, d, cfg.side) == "gram":
+        columns = max(b - a for a, b in shard_ranges(d, cfg.n_shards))
+        plan_blocks(n, columns, cfg.memory_budget_bytes, cfg.compute_dtype, engine)
+    else:
+        rows = max(b - a for a, b in shard_ranges(n, cfg.n_shards))
+        plan_rows(rows, d, cfg.memory_budget_bytes, cfg.compute_dtype, engine)
+
+
 def _check(cfg: PCAConfig) -> str:
     engine = cfg.resolved_engine()
     if cfg.input_dtype != "float32" and (engine != "torch" or cfg.compute_dtype != "float32"):
