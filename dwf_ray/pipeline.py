@@ -60,7 +60,8 @@ def check_sizes(cfg: RunConfig) -> None:
     try:
         check_fits(cfg.zoo.n_models, d, cfg.pca)
     except ValueError as exc:
-        raise ValueError(f"zoo.n_models={cfg.zoo.n_models} (d={d:,} parameters): {exc}") from None
+        raise ValueError(f"zoo.n_models={cfg.zoo.n_models} (d={d:,} parameters) does not fit "
+                         f"pca.memory_budget_bytes={cfg.pca.memory_budget_bytes}: {exc}") from None
 
 
 class Pipeline:

@@ -141,3 +141,16 @@ def test_mnist1d_is_cached_as_plain_arrays_and_a_bad_cache_file_is_made_again(tm
     np.testing.assert_array_equal(test2[1], test[1])
     with np.load(cached, allow_pickle=False) as f:      # written again, as plain arrays
         assert f["x"].shape == (300, 40)
+
+
+def test_a_zoo_too_large_for_the_pca_memory_budget_is_one_line_and_exit_2_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    root = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dwf_ray.cli", "zoo", "--preset", "digits-mlp", "--root", str(root),
+                           "--set", "zoo.n_models=20000", "--set", "pca.side=gram",
+                           "--set", "pca.memory_budget_bytes=2000000000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "zoo.n_models=20000" in lines[0] and "pca.memory_budget_bytes" in lines[0], proc.stderr
+    assert not root.exists()
