@@ -333,7 +333,7 @@ def run_eval(cfg: RunConfig, st: RunStore) -> dict:
     metrics["timings"] = st.stage_seconds()
     if extra:
         metrics["timings"].update({f"{k} (no canon)": v for k, v in sub.stage_seconds().items()})
-    metrics["counts"] = {s: st.stage_info(STAGE_FOLDERS[s]) for s in ("zoo", "canon") if st.done(STAGE_FOLDERS[s])}
+    metrics["counts"] = {s: st.stage_info(STAGE_FOLDERS[s]) for s in ("zoo", "canon", "pca") if st.done(STAGE_FOLDERS[s])}
     write_report(st.uri("report"), metrics, accs["zoo"], accs["generated"])
     op = metrics["operating_point"]
     return {"zoo_acc": metrics["accuracy"]["zoo"]["mean"], "gen_acc": op["acc"], "novelty": op[NOVELTY],
