@@ -1,4 +1,5 @@
-# Two commands: `make demo` (set up and run the default preset) and `make test`.
+# Two commands: `make demo` (set up and run the default preset) and `make test` (`make test-slow`: the tests
+# marked slow, which `make test` leaves out).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= digits-mlp
@@ -9,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +24,10 @@ demo: setup
 	$(VENV)/bin/dwf run --preset $(PRESET)
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -ra -m slow
 
 bench: demo
 	$(PY) bench/flow_sweep.py runs/$(PRESET) --grid flow.source_std=0.1,0.3,1.0

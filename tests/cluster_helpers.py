@@ -85,11 +85,11 @@ class AutoscalingHead:
     raylets that the autoscaler starts on this machine, each its own node with its own resources.
 
     The head has no CPU (work can only run on workers the autoscaler adds); one worker type ``cpu_worker``
-    with ``worker_cpus`` CPUs, 0..``max_workers`` of them, removed after ``idle_timeout_s`` idle.
+    with ``worker_cpus`` CPUs, ``min_workers``..``max_workers`` of them, removed after ``idle_timeout_s`` idle.
     """
 
     def __init__(self, workdir: Path, worker_cpus: int = 1, max_workers: int = 2, idle_timeout_s: float = 6,
-                 object_store_bytes: int = 256 * 2**20, env: dict | None = None):
+                 object_store_bytes: int = 256 * 2**20, env: dict | None = None, min_workers: int = 0):
         self.workdir = Path(workdir)
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -108,7 +108,7 @@ class AutoscalingHead:
             "available_node_types": {
                 "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
                 "cpu_worker": {"resources": {"CPU": worker_cpus, "object_store_memory": object_store_bytes},
-                               "node_config": {}, "min_workers": 0, "max_workers": max_workers},
+                               "node_config": {}, "min_workers": min_workers, "max_workers": max_workers},
             },
             "head_node_type": "ray.head.default",
             "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
@@ -212,3 +212,67 @@ def ray_start_temp_dir(address: str) -> Path:
         if "start" in cmd and f"--dashboard-port={port}" in cmd:
             return Path(next(a for a in cmd if a.startswith("--temp-dir=")).split("=", 1)[1])
     raise LookupError(f"no `ray start` process serves {address}")
+
+
+# The fake provider starts each worker node's raylet with the node's id in this variable (its node id in Ray).
+FAKE_NODE_ID_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"
+
+
+def _stat_table() -> dict[int, tuple[int, int]]:
+    """Live processes (/proc, zombies left out): pid -> (parent pid, start time in clock ticks)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in "ZX":
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def _proc_file(pid: int, name: str) -> bytes:
+    """/proc/PID/NAME (cmdline, environ), or b"" for a process that ended or is not ours to read."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def fake_node_processes(node_id: str) -> list[int]:
+    """Every process of one worker node of an ``AutoscalingHead``: its raylet (the process whose environment
+    carries the node's id), everything under it (workers, actors, the node's agents; its object store lives in
+    the raylet), and the log monitor the provider started for that node just before the raylet."""
+    table = _stat_table()
+    marker = f"{FAKE_NODE_ID_ENV}={node_id}".encode()
+    raylets = [pid for pid in table if _proc_file(pid, "cmdline").split(b"\0")[0].endswith(b"raylet")
+               and marker in _proc_file(pid, "environ").split(b"\0")]
+    found = set(raylets)
+    for raylet in raylets:
+        parent, start = table[raylet]
+        monitors = [(s, pid) for pid, (pp, s) in table.items()
+                    if pp == parent and s <= start and b"log_monitor.py" in _proc_file(pid, "cmdline")]
+        if monitors:
+            found.add(max(monitors)[1])
+    grew = True
+    while grew:
+        new = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= new
+        grew = bool(new)
+    return sorted(found)
+
+
+def kill_fake_node(node_id: str) -> list[int]:
+    """Kill one worker node of an ``AutoscalingHead`` as a machine dies: every process of it (see
+    ``fake_node_processes``) stopped first, so that none reacts to the others' deaths, then SIGKILLed.
+    Returns their pids; raises LookupError if the node has no process."""
+    pids = fake_node_processes(node_id)
+    if not pids:
+        raise LookupError(f"no process of node {node_id}")
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    return pids
