@@ -52,11 +52,12 @@ def check_sizes(cfg: RunConfig) -> None:
     """What can be checked before any work: the dataset's arguments, how the zoo is grouped into tasks, and
     whether a zoo of ``zoo.n_models`` fits the PCA's memory budget (a ValueError naming the key)."""
     from dwf_ray.archs import ArchSpec
+    from dwf_ray.archs.cnn import build_on_meta
     from dwf_ray.pca.shards import check_fits
     from dwf_ray.weights import WeightLayout
     from dwf_ray.zoo import check_zoo_config
     check_zoo_config(cfg.zoo)
-    d = WeightLayout.from_arch(ArchSpec.parse(cfg.zoo.arch)).size
+    d = WeightLayout.from_module(build_on_meta(ArchSpec.parse(cfg.zoo.arch))).size   # shapes only, no weights
     try:
         check_fits(cfg.zoo.n_models, d, cfg.pca)
     except ValueError as exc:
