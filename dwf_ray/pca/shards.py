@@ -87,9 +87,11 @@ class _Clock:
 
 @contextmanager
 def _actors(cls, cfg: PCAConfig, args: list[tuple]):
-    """One actor of ``cls`` per argument tuple (restarted up to ``cfg.max_restarts`` times); killed on exit."""
+    """One actor of ``cls`` per argument tuple (restarted up to ``cfg.max_restarts`` times); killed on exit.
+    A call is retried for as long as its actor can still restart: a node that dies may use up bounded task retries
+    before Ray has declared it dead and restarted the actor elsewhere."""
     actor_cls = ray.remote(cls).options(num_cpus=cfg.shard_cpus, num_gpus=cfg.shard_gpus,
-                                        max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts)
+                                        max_restarts=cfg.max_restarts, max_task_retries=-1)
     actors = [actor_cls.remote(*a) for a in args]
     try:
         yield actors
