@@ -200,7 +200,9 @@ def run_with_progress(fn, total: int, desc: str, unit: str = "step", poll_s: flo
     raises) what ``fn`` does."""
     import threading
     from tqdm.auto import tqdm
-    counter = Counter.remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = Counter.options(scheduling_strategy=here).remote()   # on the driver's node: lives as long as it
     out: dict = {}
 
     def target():
