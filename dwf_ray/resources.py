@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 
 
 def _reset_peak_rss() -> bool:
@@ -22,13 +23,19 @@ def peak_rss_bytes() -> int | None:
         return None
 
 
+@lru_cache(maxsize=4)
+def _cluster_state(gcs_address: str):
+    """One connection to the cluster's state per Ray cluster, reused by every sample."""
+    from ray._private.internal_api import get_state_from_address
+    return get_state_from_address(gcs_address)
+
+
 def object_store_bytes() -> int | None:
     """Bytes in use in the Ray object store, cluster-wide (None when Ray cannot say)."""
     try:
         import ray
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address),
-                                      timeout_seconds=5)
+        from ray._private.internal_api import get_memory_info_reply
+        reply = get_memory_info_reply(_cluster_state(ray.get_runtime_context().gcs_address), timeout_seconds=5)
         return int(reply.store_stats.object_store_bytes_used)
     except Exception:   # a private API of Ray's: a missing number, never a failed stage
         return None
