@@ -8,7 +8,12 @@
 2. Serve: two applications of the same root side by side, batched (max_batch_size 32) and unbatched
    (max_batch_size 1), otherwise identical; a bounded asynchronous load generator (httpx) on loopback with 32
    and 128 concurrent clients, requests of n = 1 and n = 16: models/s, p50/p99 latency, errors. Target:
-   batched >= 4x unbatched at 32 clients; zero errors below the queue limit.
+   batched >= 4x unbatched at 32 clients; zero errors below the queue limit. Beside models/s: the CPU seconds
+   the proxy, the replica and the controller processes spent per model served (from /proc, so a load generator
+   sharing the cores does not blur them), set against the offline sampler's CPU seconds per model measured in
+   the same run (100 models per call, the replica's thread count), targets 2x at n = 16 and 4x at n = 1; and
+   the mean per-request breakdown from each answer's Server-Timing header (batch-queue wait, solve, decode,
+   encode, the replica's whole time, and what lies outside it: proxy, routing, transfer).
 3. Recovery: a stream of client requests (SampleClient, with retries) while the batched app's replica is
    killed: time until the replacement runs, the slowest request, errors left after retries.
 
@@ -44,7 +49,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 SWEEP = [("rk4", 100), ("rk4", 50), ("rk4", 25), ("rk4", 20), ("rk4", 10), ("rk4", 5), ("midpoint", 50),
          ("midpoint", 40), ("midpoint", 20), ("midpoint", 10), ("midpoint", 5), ("euler", 100), ("euler", 50),
          ("euler", 20), ("euler", 10), ("dopri5", 0)]
-TIME_TARGET_S, RATIO_TARGET = 0.25, 4.0
+TIME_TARGET_S, RATIO_TARGET, P99_TARGET_S = 0.25, 4.0, 1.0
+CPU_TARGET = {1: 4.0, 16: 2.0}   # service (proxy + replica) CPU per model over the offline sampler's, by request n
 
 
 def log(msg: str) -> None:
@@ -113,9 +119,86 @@ def offline_sweep(root: str, n: int, reps: int, threads: int, seed: int) -> dict
 
 # ---------------------------------------------------------------- 2. load
 
+def server_timing(header: str) -> dict[str, float]:
+    """A ``Server-Timing`` header as {part: seconds}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur) / 1000
+    return out
+
+
+def service_pids(app: str) -> dict[str, list[int]]:
+    """Process ids of the Serve processes of the Ray cluster this bench started (its descendants, found by their
+    process titles): the HTTP proxy, ``app``'s replicas, the controller."""
+    parent: dict[int, int] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    parent[int(stat)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    mine, grew = {os.getpid()}, True
+    while grew:
+        new = {pid for pid, ppid in parent.items() if ppid in mine} - mine
+        mine |= new
+        grew = bool(new)
+    prefixes = {"proxy": "ray::ProxyActor", "replica": f"ray::ServeReplica:{app}:", "controller": "ray::ServeController"}
+    roles: dict[str, list[int]] = {role: [] for role in prefixes}
+    for pid in mine:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        for role, prefix in prefixes.items():
+            if title.startswith(prefix):
+                roles[role].append(pid)
+    missing = [role for role, pids in roles.items() if not pids]
+    if missing:
+        raise RuntimeError(f"no {missing} process found among this bench's Ray processes (an external cluster? "
+                           "the CPU accounting needs a local one)")
+    return roles
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (Linux /proc; all their threads)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def offline_cpu_per_model(root: str, n: int, threads: int, solver: str | None, steps: int | None,
+                          reps: int = 5) -> dict:
+    """CPU seconds per model of the run's Generator in this process (source, ODE solve and decode of ``n``
+    models per call, ``threads`` torch threads): the sampler's own cost, which the service is set against."""
+    import torch
+    from dwf_ray.config import RunConfig
+    from dwf_ray.sample.generator import Generator
+    cfg = RunConfig.model_validate_json(open(os.path.join(root, "config.json")).read())
+    solver, steps = solver or cfg.sample.solver, steps or cfg.sample.steps
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = Generator.load(root)
+    gen(n, cfg.sample.temperature, 0, solver, steps)   # warm-up
+    cpus = []
+    for rep in range(reps):
+        c0 = time.process_time()
+        gen(n, cfg.sample.temperature, rep, solver, steps)
+        cpus.append(time.process_time() - c0)
+    torch.set_num_threads(before)
+    return {"n": n, "threads": threads, "solver": solver, "steps": steps,
+            "cpu_s_per_model": float(np.median(cpus)) / n}
+
+
 async def _load(url: str, clients: int, n: int, requests: int, max_seconds: float, body_extra: dict) -> dict:
     import httpx
-    latencies, codes, batch_sizes = [], {}, []
+    latencies, codes, batch_sizes, timings = [], {}, [], []
     issued = 0
     t0 = time.perf_counter()
     deadline = t0 + max_seconds
@@ -132,6 +215,8 @@ async def _load(url: str, clients: int, n: int, requests: int, max_seconds: floa
                     code = r.status_code
                     if code == 200:
                         batch_sizes.append(int(r.headers.get("X-Batch-Size", 0)))
+                        timings.append(server_timing(r.headers.get("Server-Timing", "")) |
+                                       {"client": time.perf_counter() - s})
                 except httpx.HTTPError as exc:
                     code = type(exc).__name__
                 codes[code] = codes.get(code, 0) + 1
@@ -141,7 +226,11 @@ async def _load(url: str, clients: int, n: int, requests: int, max_seconds: floa
     wall = time.perf_counter() - t0
     ok = codes.get(200, 0)
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
-    return {"clients": clients, "n": n, "requests": issued, "ok": ok, "errors": issued - ok,
+    parts = sorted({k for t in timings for k in t})
+    breakdown = {k: float(np.mean([t.get(k, np.nan) for t in timings])) for k in parts}
+    if "replica" in breakdown:   # what the replica's handler does not account for: proxy, routing, transfer
+        breakdown["outside_replica"] = breakdown["client"] - breakdown["replica"]
+    return {"server_timing_mean_s": breakdown, "clients": clients, "n": n, "requests": issued, "ok": ok, "errors": issued - ok,
             "codes": {str(k): v for k, v in codes.items()}, "wall_s": wall, "requests_per_s": ok / wall,
             "models_per_s": ok * n / wall, "p50_s": float(np.percentile(lat, 50)),
             "p99_s": float(np.percentile(lat, 99)), "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0}
@@ -168,17 +257,33 @@ def serve_load(root: str, args) -> tuple[dict, str]:
     out = {"apps": {k: v.model_dump() for k, v in apps.items()}, "request_extra": extra, "runs": []}
     for name in apps:
         asyncio.run(_load(f"{base}/{name}", 8, 1, 40, 30, extra))   # warm-up
+    offline = offline_cpu_per_model(root, 100, args.replica_threads, args.solver, args.steps)
+    out["offline_cpu"] = offline
+    log(f"offline sampler: {1000 * offline['cpu_s_per_model']:.3f} ms CPU per model "
+        f"({offline['n']} models per call, {offline['threads']} thread(s), {offline['solver']}-{offline['steps']})")
+    pids = {name: service_pids(name) for name in apps}
     for clients in args.clients:   # the two apps back to back per setting: both see the same machine load
         for n in args.n:
             for name in ("unbatched", "batched"):
                 load_before = os.getloadavg()[0]
+                cpu_before = {role: cpu_seconds(p) for role, p in pids[name].items()}
                 res = asyncio.run(_load(f"{base}/{name}", clients, n, args.requests, args.max_seconds, extra))
-                res |= {"app": name, "loadavg_1min_before": load_before}
+                models = max(1, res["ok"] * n)
+                cpu = {role: cpu_seconds(p) - cpu_before[role] for role, p in pids[name].items()}
+                res |= {"app": name, "loadavg_1min_before": load_before,
+                        "cpu_s_per_model": {role: c / models for role, c in cpu.items()}}
+                service = res["cpu_s_per_model"]["proxy"] + res["cpu_s_per_model"]["replica"]
+                res["service_cpu_over_offline"] = service / offline["cpu_s_per_model"]
                 out["runs"].append(res)
+                st = res["server_timing_mean_s"]
                 log(f"{name:>9} clients {clients:>3} n {n:>2}: {res['models_per_s']:8.1f} models/s "
                     f"{res['requests_per_s']:7.1f} req/s  p50 {1000 * res['p50_s']:7.1f} ms  "
                     f"p99 {1000 * res['p99_s']:7.1f} ms  errors {res['errors']} {res['codes']}  "
                     f"mean batch {res['mean_batch']:.1f}  ({res['ok']} requests in {res['wall_s']:.1f} s)")
+                log(f"{'':>9} CPU ms per model: proxy {1000 * res['cpu_s_per_model']['proxy']:.3f}, replica "
+                    f"{1000 * res['cpu_s_per_model']['replica']:.3f} (service {res['service_cpu_over_offline']:.2f}x "
+                    f"the offline sampler), controller {1000 * res['cpu_s_per_model']['controller']:.3f}; mean ms "
+                    "per request: " + ", ".join(f"{k} {1000 * v:.2f}" for k, v in st.items()))
     ratios = {}
     for clients in args.clients:
         for n in args.n:
@@ -295,6 +400,12 @@ def main() -> None:
     if "load" in result:
         r32 = {k: v for k, v in result["load"]["batched_over_unbatched"].items() if k.startswith("clients32_")}
         targets["batched_4x_at_32_clients"] = {k: v >= RATIO_TARGET for k, v in r32.items()}
+        for r in result["load"]["runs"]:
+            if r["app"] == "batched" and r["clients"] == 32 and r["n"] in CPU_TARGET:
+                targets[f"service_cpu_within_{CPU_TARGET[r['n']]:g}x_offline_n{r['n']}"] = (
+                    r["service_cpu_over_offline"] <= CPU_TARGET[r["n"]])
+            if r["app"] == "batched" and r["clients"] == 32 and r["n"] == 16:
+                targets["p99_under_1s_at_32_clients_n16"] = r["p99_s"] < P99_TARGET_S
         targets["zero_errors_below_queue_limit"] = result["load"]["errors_below_queue_limit"] == 0
     result["targets"] = targets
     out = args.out or os.path.join(HERE, "results", f"serve_load_{os.path.basename(root.rstrip('/'))}.json")

@@ -205,7 +205,7 @@ def sample(preset: Optional[str] = _PRESET, root: Optional[str] = _ROOT, name: O
     if endpoint is None:
         _pipeline(preset, root, name, set_, restart_from).run_stage("sample")
         return
-    from dwf_ray.serve.app import read_token
+    from dwf_ray.serve.auth import read_token
     from dwf_ray.serve.client import SampleError, write_from_endpoint
     if not out:
         fail("--endpoint needs --out DIR")
@@ -224,7 +224,7 @@ def serve(root: str = typer.Option(..., "--root", help="a finished run root (loc
           insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback host without a token"),
           set_: List[str] = typer.Option([], "--set", help="a Serve option: key=value (see dwf_ray/serve/config.py)")):
     """Serve new models of a finished run over HTTP (Ray Serve, batched); blocks until Ctrl-C."""
-    from dwf_ray.serve.app import serve_main
+    from dwf_ray.serve.launch import serve_main
     try:
         serve_main(root, host, port, token_file, insecure, list(set_), log=typer.echo)
     except (ValueError, FileNotFoundError) as exc:

@@ -23,7 +23,8 @@ import pytest
 from tests.cluster_helpers import BIN, clean_env
 from tests.presets import SMOKE
 
-SMALL = ["--set", "zoo.n_models=6", "--set", "zoo.epochs=2", "--set", "canon.batch_size=2"]
+SMALL = ["--set", "zoo.n_models=6", "--set", "zoo.epochs=2", "--set", "zoo.models_per_task=1",
+         "--set", "canon.batch_size=2"]
 HOG_SECONDS = 600         # the CPU hogs stop by themselves after this, whatever happens to the test
 
 
@@ -76,7 +77,8 @@ class WatchedDwf:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen([str(BIN / "dwf"), *args], env=env, stdout=out, stderr=err,
                                          start_new_session=True)
-        self.seen: dict[tuple[int, int], str] = {}        # (pid, start) -> latest command line (titles change)
+        self.seen: dict[tuple[int, int], set[str]] = {}   # (pid, start) -> every command line seen (a Ray
+                                                          # worker's title changes: ray::IDLE, then its task's)
         self._watcher = threading.Thread(target=self._watch, daemon=True)
         self._watcher.start()
 
@@ -90,11 +92,12 @@ class WatchedDwf:
                 grew = bool(new)
             for pid in tree - {self.proc.pid}:
                 if pid in table:
-                    self.seen[(pid, table[pid][2])] = cmdline(pid) or self.seen.get((pid, table[pid][2]), "")
+                    titles = self.seen.setdefault((pid, table[pid][2]), set())
+                    titles |= {cmdline(pid)} - {""}
             time.sleep(0.1)
 
     def titles(self) -> list[str]:
-        return list(self.seen.values())
+        return [title for titles in self.seen.values() for title in titles]
 
     def wait_for_title(self, prefix: str, timeout: float = 300) -> bool:
         """Wait until a process of the tree has a command line starting with ``prefix`` (e.g. a Ray task's

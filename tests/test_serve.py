@@ -120,6 +120,32 @@ def test_concurrent_requests_are_batched_and_match_lone_requests(http):
     assert again.content == alone[0].content   # a repeated lone request: the same bytes
 
 
+def _server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing`` as {name: milliseconds}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def test_each_answer_says_where_its_time_went(http):
+    """Server-Timing: batch-queue wait, ODE solve, decode, encoding, and the replica's whole time; the solve of
+    a heavier request takes longer, and the parts add up to the whole, which the client's wait contains."""
+    timings = {}
+    for steps in (5, 400):
+        start = time.perf_counter()
+        r = http.post("/v1/sample", json={"n": 64, "seed": 3, "solver": "rk4", "steps": steps})
+        client_ms = 1000 * (time.perf_counter() - start)
+        assert r.status_code == 200, r.text
+        t = timings[steps] = _server_timing(r.headers["Server-Timing"])
+        assert list(t) == ["wait", "solve", "decode", "encode", "replica"], t
+        assert all(v >= 0 for v in t.values()), t
+        assert t["replica"] == pytest.approx(t["wait"] + t["solve"] + t["decode"] + t["encode"], abs=0.01)
+        assert t["replica"] <= client_ms
+    assert timings[400]["solve"] > 10 * timings[5]["solve"], timings
+
+
 def test_the_answer_is_one_streamed_safetensors_file(http):
     from safetensors.numpy import load
     r = http.post("/v1/sample", json={"n": 3, "seed": 5, "temperature": 0.8, "solver": "midpoint", "steps": 10})
@@ -426,7 +452,8 @@ def test_build_app_takes_a_serve_config_files_args(service, monkeypatch):
 
 
 def test_config_and_launch_checks():
-    from dwf_ray.serve.app import build_app, serve_main
+    from dwf_ray.serve.app import build_app
+    from dwf_ray.serve.launch import serve_main
     with pytest.raises(ValueError, match="at least max_batch_size"):
         ServeConfig(max_batch_size=64, max_ongoing_requests=8)
     with pytest.raises(ValueError, match="unknown key"):
@@ -443,7 +470,7 @@ def test_config_and_launch_checks():
 
 
 def test_token_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
-    from dwf_ray.serve.app import TOKEN_ENV, read_token
+    from dwf_ray.serve.auth import TOKEN_ENV, read_token
     monkeypatch.setenv(TOKEN_ENV, "from-env")
     assert read_token(None) == "from-env"
     (tmp_path / "t").write_text("from-file\n")
