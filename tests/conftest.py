@@ -88,6 +88,7 @@ def family_examples() -> dict:
     return {
         "mlp": ArchSpec("mlp", {"in_dim": 64, "hidden": [32, 32], "out_dim": 10}),
         "mlp-deep-tanh": ArchSpec("mlp", {"in_dim": 8, "hidden": [16, 12, 20], "out_dim": 4, "activation": "tanh"}),
+        "mlp-residual": ArchSpec("mlp", {"in_dim": 8, "hidden": [16, 16, 16], "out_dim": 4, "residual": True}),
         "cnn": ArchSpec("cnn", {"in_channels": 1, "image_size": 8, "channels": [16, 32], "n_classes": 10}),
         "cnn-nopool": ArchSpec("cnn", {"in_channels": 3, "image_size": 8, "channels": [8, 12, 16], "n_classes": 5,
                                        "pool": False}),

@@ -10,7 +10,7 @@ from dwf_ray.archs.perm_spec import apply_permutation, random_permutation
 from dwf_ray.weights import to_module
 from tests.conftest import example_inputs, family_examples, random_state
 
-ARCHS = {k: family_examples()[k] for k in ("mlp", "cnn", "resnet20", "resnet18-cifar")}
+ARCHS = {k: family_examples()[k] for k in ("mlp", "mlp-residual", "cnn", "resnet20", "resnet18-cifar")}
 
 
 def inputs(arch: ArchSpec) -> torch.Tensor:

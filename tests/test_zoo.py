@@ -16,7 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MLP = {"family": "mlp", "args": {"in_dim": 64, "hidden": [16, 16], "out_dim": 10}}
 CNN1D = {"family": "cnn1d", "args": {"in_length": 40, "channels": [6, 6, 6], "kernels": [5, 3, 3],
                                      "strides": [2, 2, 2], "n_classes": 10}}
-CASES = {"mlp-digits": ZooConfig(arch=MLP, epochs=3), "cnn1d-mnist1d": ZooConfig(
+RESIDUAL_MLP = {"family": "mlp", "args": {"in_dim": 40, "hidden": [16, 16], "out_dim": 10, "residual": True}}
+CASES = {"mlp-digits": ZooConfig(arch=MLP, epochs=3),
+         "residual-mlp-mnist1d": ZooConfig(arch=RESIDUAL_MLP, dataset="mnist1d",
+                                           dataset_args={"num_train": 600, "num_test": 300}, epochs=2,
+                                           batch_size=50, lr_schedule="constant"),
+         "cnn1d-mnist1d": ZooConfig(
     arch=CNN1D, dataset="mnist1d", dataset_args={"num_train": 600, "num_test": 300}, epochs=2, batch_size=50,
     lr_schedule="constant")}
 
