@@ -57,7 +57,7 @@ from dwf_ray.flow.trainer import FlowTrainer, noise_generator  # noqa: E402
 from dwf_ray.pca.dual import centre_gram, component_weights, oriented, top_eigen  # noqa: E402
 from dwf_ray.pca.gram import GramShard, TorchEngine, plan_blocks  # noqa: E402
 from dwf_ray.pca.shardfile import Shard  # noqa: E402
-from dwf_ray.pca.shards import PCAModel  # noqa: E402
+from dwf_ray.pca.model import PCAModel  # noqa: E402
 from dwf_ray.sample.generator import Decoder, Generator  # noqa: E402
 from dwf_ray.weights import WeightLayout  # noqa: E402
 

@@ -30,7 +30,8 @@ from dwf_ray.accuracy import accuracy, recalibrate_batchnorm
 from dwf_ray.analysis.transfer import source_model, transfer_accuracies
 from dwf_ray.pipeline import Pipeline
 from dwf_ray.presets import preset
-from dwf_ray.runtime import ensure_ray, wait_with_progress
+from dwf_ray.runtime import ensure_ray
+from dwf_ray.runtime.progress import wait_with_progress
 from dwf_ray.weights import load_model_state
 
 SOURCES = ("generated", "zoo", "random init")

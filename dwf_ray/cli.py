@@ -130,7 +130,8 @@ def _import_model_zoo(source: str, arch: Optional[str], dataset: Optional[str], 
     from its dataset.pt unless --dataset says otherwise."""
     import json
     from dwf_ray.zoo.formats import FormatError, common_arch
-    from dwf_ray.zoo.modelzoo import model_folders, read_all_params, run_modelzoo_import
+    from dwf_ray.zoo.modelzoo import model_folders, read_all_params
+    from dwf_ray.zoo.stage import run_modelzoo_import
     if epoch is not None and epoch < 0:
         fail(f"--epoch {epoch}: must be >= 0")
     if max_abs_weight is not None and not max_abs_weight > 0:

@@ -25,10 +25,11 @@ from dwf_ray.eval.baselines import baseline_sets
 from dwf_ray.eval.diversity import zoo_nn_median
 from dwf_ray.eval.metrics import NOVELTY
 from dwf_ray.eval.report import summary
-from dwf_ray.eval.run import GENERATOR, ScoredSet, ZooJudge, judge_sets
+from dwf_ray.eval.tradeoff import GENERATOR
+from dwf_ray.eval.judge import ScoredSet, ZooJudge, judge_sets
 from dwf_ray.flow.checkpoint import LatentScaler
 from dwf_ray.flow.train import train_flow
-from dwf_ray.pca.shards import PCAModel
+from dwf_ray.pca.model import PCAModel
 from dwf_ray.runtime import ensure_ray
 from dwf_ray.sample.generator import Generator
 from dwf_ray.store import STAGE_FOLDERS, RunStore

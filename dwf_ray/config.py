@@ -13,6 +13,11 @@ PAPER_FLOW = {"hidden": 512, "time_dim": 64, "dropout": 0.1, "lr": 5e-4, "schedu
               "sigma": 0.001, "source": "gaussian", "source_std": 1.0}
 PAPER_SAMPLER = {"solver": "rk4", "steps": 100}
 
+# The ODE solvers of sampling, the one table of their names (dwf_ray/flow/solvers.py runs them): the fixed-step
+# ones take a step count, dopri5 is adaptive.
+FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4")
+SOLVERS = FIXED_STEP_SOLVERS + ("dopri5",)
+
 
 class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -143,7 +148,7 @@ class FlowConfig(_Cfg):
 
 class SampleConfig(_Cfg):
     n: Count = 100
-    solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "rk4"
+    solver: Literal[SOLVERS] = "rk4"
     steps: Count = 100
     temperature: Positive = 1.0         # source-noise scale at sampling time
     seed: NonNegInt = 1234
@@ -203,16 +208,7 @@ class RunConfig(_Cfg):
 
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         """Apply ``section.key=value`` overrides (values parsed as JSON, else kept as strings)."""
-        values = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form section.key=value")
-            key, raw = item.split("=", 1)
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                values[key] = raw
-        return self.with_values(values)
+        return self.with_values(parse_overrides(overrides, "section.key=value"))
 
     def with_values(self, values: dict) -> "RunConfig":
         """Apply ``{"section.key": value}`` (the --set form, values already parsed); a preset is a dict of these.
@@ -232,6 +228,21 @@ class RunConfig(_Cfg):
             return RunConfig.model_validate(data)
         except ValidationError as exc:
             raise ValueError(f"invalid config value ({validation_message(exc)})") from None
+
+
+def parse_overrides(overrides: list[str], form: str = "key=value") -> dict:
+    """``--set``-style ``key=value`` items as {key: value}: each value parsed as JSON, else kept as a string; an
+    item without "=" is a ValueError naming ``form``."""
+    values = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form {form}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
 
 
 def validation_message(exc: ValidationError) -> str:

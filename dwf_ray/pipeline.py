@@ -1,7 +1,9 @@
 """The stages of a run, driven by one table; each stage is restartable and skipped when its outputs are complete.
 
-Every stage is a function ``run_<stage>(cfg: RunConfig, st: RunStore) -> info`` in its own package, writing its
-own folder under the run root; the pipeline checks the config, restarts, skips, times and logs them.
+Every stage is a function ``dwf_ray/<stage>/stage.py: run_<stage>(cfg: RunConfig, run_store: RunStore) -> info``,
+writing its own folder under the run root; the pipeline checks the config, restarts, skips, times and logs them.
+A variant (the run without canonicalization that the report compares against) is the same table run again under
+a sub-folder with one config change, before the stage that reads it.
 """
 from __future__ import annotations
 
@@ -18,30 +20,50 @@ from dwf_ray import store
 from dwf_ray.config import RunConfig
 from dwf_ray.lease import lease_for
 from dwf_ray.resources import StageMeter
-from dwf_ray.runtime import ensure_ray, quiet_logs
+from dwf_ray.runtime import ensure_ray
+from dwf_ray.runtime.logs import quiet_logs
 from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A sub-run under ``<root>/<folder>`` that shares the run's zoo, redoes ``stages`` with ``config(cfg)``, and
+    is run before the stage that lists it when ``applies(cfg)``."""
+    folder: str
+    stages: tuple[str, ...]
+    applies: Callable[[RunConfig], bool]
+    config: Callable[[RunConfig], RunConfig]
+
+
+def _without_canon(cfg: RunConfig) -> RunConfig:
+    cfg = cfg.model_copy(deep=True)
+    cfg.canon.enabled = False
+    return cfg
+
+
+NO_CANON_VARIANT = Variant(NO_CANON, ("canon", "pca", "flow", "sample"),
+                           applies=lambda cfg: cfg.eval.compare_no_canon and cfg.canon.enabled, config=_without_canon)
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    function: str          # "module:function", imported when the stage runs (the CLI starts fast)
+    variants: tuple[Variant, ...] = ()     # sub-runs this stage reads, run before it
 
     @property
     def folder(self) -> str:
         return STAGE_FOLDERS[self.name]
 
     def load(self) -> Callable[[RunConfig, RunStore], dict]:
-        module, fn = self.function.split(":")
-        return getattr(importlib.import_module(module), fn)
+        """``dwf_ray.<name>.stage:run_<name>``, imported when the stage runs (the CLI starts fast)."""
+        return getattr(importlib.import_module(f"dwf_ray.{self.name}.stage"), f"run_{self.name}")
 
 
-STAGES = (Stage("zoo", "dwf_ray.zoo:run_zoo"), Stage("canon", "dwf_ray.canon.job:run_canon"),
-          Stage("pca", "dwf_ray.pca.shards:run_pca"), Stage("flow", "dwf_ray.flow.train:run_flow"),
-          Stage("sample", "dwf_ray.sample:run_sample"), Stage("eval", "dwf_ray.eval.run:run_eval"))
+STAGES = (Stage("zoo"), Stage("canon"), Stage("pca"), Stage("flow"), Stage("sample"),
+          Stage("eval", variants=(NO_CANON_VARIANT,)))
 STAGE_NAMES = tuple(s.name for s in STAGES)
+VARIANTS = tuple(dict.fromkeys(v for s in STAGES for v in s.variants))
 _BY_NAME = {s.name: s for s in STAGES}
-VARIANT_STAGES = ("canon", "pca", "flow", "sample")   # what the no-canon variant redoes on the shared zoo
 
 
 class StageFailed(RuntimeError):
@@ -90,7 +112,8 @@ class Pipeline:
             with self.holding():
                 for stage in STAGES[STAGE_NAMES.index(restart_from):] if restart_from else ():
                     self.store.clear(stage.folder)
-                    self.store.clear(f"{NO_CANON}/{stage.folder}")
+                    for variant in VARIANTS:
+                        self.store.clear(f"{variant.folder}/{stage.folder}")
                 store.write_json(cfg_uri, cfg.model_dump())
 
     @contextmanager
@@ -126,8 +149,9 @@ class Pipeline:
         try:
             with self.logs():
                 ensure_ray(quiet=self.quiet)
-                if name == "eval" and self.cfg.eval.compare_no_canon and self.cfg.canon.enabled:
-                    self.no_canon_variant()
+                for variant in stage.variants:
+                    if variant.applies(self.cfg):
+                        self.run_variant(variant)
                 self.log(f"[{name}] running")
                 t0 = time.perf_counter()
                 with StageMeter() as meter:
@@ -193,15 +217,14 @@ class Pipeline:
                  f"(see {STAGE_FOLDERS[name]}/manifest.parquet)")
 
     def import_zoo(self, source: str) -> dict:
-        from dwf_ray.zoo import run_import
+        from dwf_ray.zoo.stage import run_import
         return self.run_stage("zoo", lambda cfg, st: run_import(cfg, st, source))
 
-    def no_canon_variant(self) -> "Pipeline":
-        """The same run without canonicalization, under <root>/nocanon, sharing this run's zoo."""
-        cfg = self.cfg.model_copy(deep=True)
-        cfg.canon.enabled = False
-        sub = Pipeline(self.store.uri(NO_CANON), cfg, zoo_root=self.store.zoo_root, log=self.log, quiet=self.quiet)
-        for stage in VARIANT_STAGES:
+    def run_variant(self, variant: Variant) -> "Pipeline":
+        """A variant's sub-run under <root>/<variant.folder>, sharing this run's zoo."""
+        sub = Pipeline(self.store.uri(variant.folder), variant.config(self.cfg), zoo_root=self.store.zoo_root,
+                       log=self.log, quiet=self.quiet)
+        for stage in variant.stages:
             sub.run_stage(stage)
         return sub
 

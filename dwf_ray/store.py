@@ -6,6 +6,7 @@ import io
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -83,17 +84,42 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts if p])
 
 
-@_explained
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object atomically: temp file + rename locally, one PUT on S3."""
+@contextmanager
+def atomic_writer(uri: str):
+    """A binary file to write in order: a temp file renamed on success locally, a multipart upload on S3.
+
+    Nothing is left at ``uri`` when the block raises.
+    """
     fs, path = _fs(uri)
     if is_local(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        f.discard()
+        raise
+    f.close()
+    fs.invalidate_cache(path)
+
+
+@_explained
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: temp file + rename locally (``atomic_writer``), one PUT on S3."""
+    if is_local(uri):
+        with atomic_writer(uri) as f:
             f.write(data)
-        os.replace(tmp, path)
     else:
+        fs, path = _fs(uri)
         fs.pipe_file(path, data)
         fs.invalidate_cache(path)
 

@@ -1,10 +1,10 @@
-"""WeightLayout (ordered parameters <-> one flat vector) and safetensors checkpoint I/O."""
+"""WeightLayout (ordered parameters <-> one flat vector) and safetensors checkpoint I/O (the header codec is
+``safetensors_header``)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,15 +14,18 @@ from safetensors.torch import load as st_load
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec, build_model
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+from dwf_ray.safetensors_header import CheckpointError, decode_header, header_span
 
 
 def row_error(uri: str, exc: Exception) -> str:
     """A failed row's error: a CheckpointError already names the file; anything else gets the file and its type."""
     return str(exc) if isinstance(exc, CheckpointError) else f"{uri}: {type(exc).__name__}: {exc}"
+
+
+def error_row(row: dict, error: str, **blanks) -> dict:
+    """The manifest row of a model that failed: ``row`` with ``blanks`` (the values it has none of), status
+    "error" and the reason ``error``."""
+    return row | blanks | {"status": "error", "error": error}
 
 
 @dataclass(frozen=True)
@@ -97,36 +100,13 @@ def save_checkpoint(uri: str, tensors: dict[str, np.ndarray], arch: ArchSpec, ex
     return hashlib.sha256(data).hexdigest()
 
 
-def _parse_header(raw: bytes, uri: str) -> tuple[dict, int]:
-    if len(raw) < 8:
-        raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} bytes, no safetensors header)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > 100_000_000:
-        raise CheckpointError(f"{uri}: not a safetensors file (header length {n})")
-    return n, 8 + n
-
-
-def _decode_header(raw: bytes, uri: str) -> dict:
-    """The JSON header: an object of tensor entries and an optional ``__metadata__`` object of strings."""
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{uri}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointError(f"{uri}: corrupt safetensors header (__metadata__ must map names to strings)")
-    return header
-
-
 def read_header(uri: str) -> tuple[dict, int]:
     """(header, start of the data buffer) with ranged reads only."""
-    n, data_start = _parse_header(store.read_range(uri, 0, 8), uri)
+    n, data_start = header_span(store.read_range(uri, 0, 8), uri)
     raw = store.read_range(uri, 8, data_start)
     if len(raw) != n:
         raise CheckpointError(f"{uri}: truncated checkpoint (header cut short)")
-    return _decode_header(raw, uri), data_start
+    return decode_header(raw, uri), data_start
 
 
 SHARD_INDEX = ".index.json"   # a sharded checkpoint: model.safetensors.index.json, pytorch_model.bin.index.json
@@ -146,10 +126,10 @@ def load_checkpoint(uri: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         return _load_sharded(raw, uri)
     if uri.endswith((".pt", ".pth", ".bin")):
         return _load_torch(raw, uri), {}
-    n, data_start = _parse_header(raw, uri)
+    n, data_start = header_span(raw, uri)
     if len(raw) < data_start:
         raise CheckpointError(f"{uri}: truncated checkpoint ({len(raw)} bytes, header alone needs {data_start})")
-    header = _decode_header(raw[8:data_start], uri)
+    header = decode_header(raw[8:data_start], uri)
     try:
         size = data_start + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
                                 default=0)

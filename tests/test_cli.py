@@ -50,7 +50,7 @@ def test_the_terminal_shows_stage_lines_and_progress_bars_and_ray_logs_go_to_the
 QUIET = """
 import os, sys
 from tqdm import tqdm
-from dwf_ray.runtime import quiet_logs
+from dwf_ray.runtime.logs import quiet_logs
 with quiet_logs(sys.argv[1]):
     os.write(2, b"native line, as Ray's C++ core writes it\\n")
     for _ in tqdm(range(3), desc="stage"):

@@ -57,7 +57,7 @@ def test_wrong_prediction_iou():
 
 
 def test_margins_take_the_best_baseline_at_equal_functional_novelty_with_its_standard_error():
-    from dwf_ray.eval.run import accepted, add_margins
+    from dwf_ray.eval.tradeoff import accepted, add_margins
     nov = "func_novelty"
     points = [{"method": "noise", "acc": 90.0, "se": 0.2, nov: 0.2},
               {"method": "noise", "acc": 80.0, "se": 0.4, nov: 0.4},

@@ -82,7 +82,7 @@ def test_blockwise_nearest_neighbours_in_ray_tasks_equal_one_pass_over_the_whole
     """A random zoo of 40 scored 6 models a task and searched 12 zoo models a task (4 blocks): every set
     model's D, nearest index, S and matched distance equal one unchunked pass; a permuted copy of a zoo model
     is found at D = 0."""
-    from dwf_ray.eval.run import ZooJudge
+    from dwf_ray.eval.judge import ZooJudge
     cfg = config(chunk_models=6, nn_block=12)
     zoo = random_flat_zoo(ARCH, 40)
     layout, spec = WeightLayout.from_arch(ARCH), permutation_spec(ARCH)
@@ -104,7 +104,9 @@ def test_the_zoo_sample_gives_the_exact_statistics_of_its_models_and_covers_a_sm
     exact ones of the sampled models (drawn with eval.seed), accuracy stays every model's; a sample that covers
     the zoo gives the exact statistics of every model. metrics.json and report.md say which was measured."""
     from dwf_ray.eval.report import write_report
-    from dwf_ray.eval.run import GENERATOR, ScoredSet, ZooJudge, evaluate
+    from dwf_ray.eval.judge import ScoredSet, ZooJudge
+    from dwf_ray.eval.stage import evaluate
+    from dwf_ray.eval.tradeoff import GENERATOR
     zoo = random_flat_zoo(ARCH, 30)
     full = ZooJudge(ARCH, config(zoo_sample=30), zoo).result
     expected = exact(config(), zoo, zoo, exclude_self=True)
@@ -159,7 +161,7 @@ def test_the_judge_holds_per_model_results_not_the_zoo_predictions_on_ten_thousa
     """300 MLPs on MNIST-1D's 10,000 test signals (3 million predictions): the judge keeps a few numbers per
     zoo model, and the driver's resident memory while it judges the zoo and a set grows by less than the
     zoo's predictions as int32 (before evaluation ran in blocks it held them, and grew by 218 MB here)."""
-    from dwf_ray.eval.run import ZooJudge
+    from dwf_ray.eval.judge import ZooJudge
     arch = ArchSpec("mlp", {"in_dim": 40, "hidden": [32, 32], "out_dim": 10})
     cfg = config(arch, "mnist1d", {"num_train": 400}, chunk_models=50, nn_block=100)
     zoo = random_flat_zoo(arch, 300)

@@ -309,7 +309,7 @@ def test_bert_family_runs_end_to_end(smoke_bert_run):
 def test_eval_aligns_unaligned_transformers_with_transfusion():
     """The no-canon samples are aligned in eval: a head- and neuron-permuted BERT lands back on the reference."""
     from dwf_ray.eval.diversity import matched_nearest
-    from dwf_ray.eval.run import canonicalize_flat
+    from dwf_ray.canon.align import canonicalize_flat
     arch = ArchSpec.parse(smoke_bert().zoo.arch)
     layout, spec = WeightLayout.from_arch(arch), permutation_spec(arch).without_residual()
     torch.manual_seed(0)

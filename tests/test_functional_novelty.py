@@ -87,7 +87,7 @@ def test_streaming_evaluation_matches_scoring_all_at_once_and_the_driver_holds_n
     """judge_sets scores set by set: per-model results equal one call over every set together, and the sets
     are built in tasks, so the driver's memory does not grow with their size or number."""
     from dwf_ray import store
-    from dwf_ray.eval.run import ScoredSet, ZooJudge, judge_sets
+    from dwf_ray.eval.judge import ScoredSet, ZooJudge, judge_sets
     root, _ = smoke_run
     st = RunStore(str(root))
     cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))

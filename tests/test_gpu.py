@@ -171,7 +171,8 @@ def basis(model) -> np.ndarray:
 @pytest.mark.parametrize("input_dtype", ["float32", "bfloat16"])
 def test_cuda_torch_pca_engine_on_gpu_shards_matches_numpy(gpu_ray, pca_zoo, tmp_path, input_dtype):
     from dwf_ray.config import PCAConfig
-    from dwf_ray.pca.shards import PCAModel, fit_distributed_pca
+    from dwf_ray.pca.model import PCAModel
+    from dwf_ray.pca.shards import fit_distributed_pca
     from dwf_ray.weights import WeightLayout
     uris, ids, arch = pca_zoo
     layout = WeightLayout.from_arch(arch)
@@ -206,7 +207,8 @@ def gpu_run(gpu_ray, tmp_path_factory):
     from dwf_ray.archs import ArchSpec
     from dwf_ray.config import FlowConfig, PCAConfig, RunConfig
     from dwf_ray.flow.train import train_flow
-    from dwf_ray.pca.shards import PCAModel, fit_distributed_pca
+    from dwf_ray.pca.model import PCAModel
+    from dwf_ray.pca.shards import fit_distributed_pca
     from dwf_ray.weights import WeightLayout
     root = tmp_path_factory.mktemp("gpu_run")
     cfg = RunConfig()
@@ -230,7 +232,7 @@ def test_cuda_flow_trained_on_a_gpu_worker_samples_like_the_cpu_one(gpu_run):
     from dwf_ray.archs import ArchSpec
     from dwf_ray.config import RunConfig
     from dwf_ray.flow.checkpoint import load_flow
-    from dwf_ray.pca.shards import PCAModel
+    from dwf_ray.pca.model import PCAModel
     from dwf_ray.sample.generator import Decoder, Generator
     root, on_gpu, on_cpu = gpu_run
     assert on_gpu["best_heldout_loss"] == pytest.approx(on_cpu["best_heldout_loss"], rel=FLOW_LOSS_RTOL)
@@ -280,7 +282,7 @@ def test_cuda_scoring_on_gpu_tasks_equals_cpu_scoring(gpu_ray):
     from dwf_ray.archs import ArchSpec
     from dwf_ray.config import RunConfig
     from dwf_ray.data import dataset_for
-    from dwf_ray.eval.run import ZooJudge
+    from dwf_ray.eval.judge import ZooJudge
     base = RunConfig().with_values({"eval.chunk_models": 4})
     arch = ArchSpec.parse(base.zoo.arch)
     flat = random_flat_zoo(arch, 20)

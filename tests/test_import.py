@@ -109,7 +109,7 @@ def decoded_samples(root, arch) -> None:
     """The sample stage's output without training a flow (the BERT test does; a flow costs a Ray Train start):
     two models decoded by the run's PCA from latents between the zoo's, written by the sample stage's writer."""
     from dwf_ray import store
-    from dwf_ray.pca.shards import PCAModel
+    from dwf_ray.pca.model import PCAModel
     from dwf_ray.sample.generator import write_samples
     from dwf_ray.store import RunStore
     st = RunStore(str(root))

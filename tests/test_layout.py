@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dwf_ray"
-BOTTOM = {"accuracy", "archs", "config", "data", "lease", "presets", "resources", "runtime", "store", "weights"}
+BOTTOM = {"accuracy", "archs", "config", "data", "lease", "presets", "resources", "runtime", "safetensors_header",
+          "store", "weights"}
 STAGES = ["zoo", "canon", "pca", "flow", "sample", "eval"]
 TOP = {"pipeline", "conditional", "cli", "serve", "analysis"}
 

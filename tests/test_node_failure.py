@@ -201,7 +201,7 @@ def test_canon_finishes_after_a_node_dies_and_equals_the_undisturbed_run(two_run
 
 
 def test_pca_finishes_after_a_node_dies_and_equals_the_undisturbed_run(two_runs):
-    from dwf_ray.pca.shards import PCAModel
+    from dwf_ray.pca.model import PCAModel
     base, hit, kills, _ = two_runs
     kill = kill_of(kills, "pca")
     meta = {r: json.loads((r / "pca" / "meta.json").read_text()) for r in (base, hit)}

@@ -18,7 +18,8 @@ from dwf_ray.pca.gram import GramShard, budget_for_block, plan_blocks
 from dwf_ray.pca.reader import model_columns
 from dwf_ray.pca.rows import bytes_per_row, fixed_row_bytes, plan_rows
 from dwf_ray.pca.shardfile import load_shard, write_shard
-from dwf_ray.pca.shards import PCAModel, fit_distributed_pca, shard_ranges
+from dwf_ray.pca.model import PCAModel
+from dwf_ray.pca.shards import fit_distributed_pca, shard_ranges
 from dwf_ray.weights import CheckpointError, WeightLayout, save_checkpoint
 
 ARCH = ArchSpec("mlp", {"in_dim": 6, "hidden": [5], "out_dim": 3})   # d = 53

@@ -8,9 +8,9 @@ from dwf_ray.canon.job import load_canonical
 from dwf_ray.eval.baselines import baseline_sets
 from dwf_ray.eval.diversity import disagreement_nearest, zoo_nn_median
 from dwf_ray.eval.metrics import NOVELTY
-from dwf_ray.eval.run import baseline_at
+from dwf_ray.eval.tradeoff import baseline_at
 from dwf_ray.eval.scoring import score_flat
-from dwf_ray.pca.shards import PCAModel
+from dwf_ray.pca.model import PCAModel
 from dwf_ray.pipeline import Pipeline
 from dwf_ray.weights import WeightLayout
 

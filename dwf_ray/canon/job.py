@@ -10,14 +10,15 @@ import pandas as pd
 import ray
 
 from dwf_ray import store
-from dwf_ray.archs import ArchSpec, permutation_spec
+from dwf_ray.archs import ArchSpec
 from dwf_ray.canon.activations import ActivationMatcher, check_supported
-from dwf_ray.canon.matching import canonicalize, distance
+from dwf_ray.canon.align import Aligner
+from dwf_ray.canon.matching import distance
 from dwf_ray.config import CanonConfig, RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import row_blocks, rows_with_progress, task_device
+from dwf_ray.runtime.data import row_blocks, rows_with_progress
 from dwf_ray.store import RunStore
-from dwf_ray.weights import (CheckpointError, WeightLayout, load_flat_models, load_model_state, row_error,
+from dwf_ray.weights import (CheckpointError, error_row, load_flat_models, load_model_state, row_error,
                              save_checkpoint)
 
 _RESULT_COLUMNS = ["canon_uri", "dist_before", "dist_after"]
@@ -64,11 +65,10 @@ class Canonicalizer:
                  activation_inputs: np.ndarray | None = None, ledger=None):
         import torch
         torch.set_num_threads(1)
-        self.device = task_device()
         self.arch = ArchSpec.from_json(arch_json)
         self.cfg = CanonConfig.model_validate_json(cfg_json)
-        self.spec = permutation_spec(self.arch)
-        self.param_names = WeightLayout.from_arch(self.arch).names
+        self.aligner = Aligner(self.arch, self.cfg.residual, self.cfg.max_iter, self.cfg.seed)
+        self.param_names = self.aligner.layout.names
         ref, _ = load_model_state(ref_uri, self.arch)
         self.ref = {k: ref[k] for k in self.param_names}
         self.out_dir, self.ledger = out_dir, ledger
@@ -81,8 +81,7 @@ class Canonicalizer:
         if self.by_activations is not None:
             out, _ = self.by_activations(state)
         elif self.cfg.enabled:
-            out, _ = canonicalize(self.spec, self.ref, state, self.cfg.max_iter, self.cfg.seed,
-                                  residual=self.cfg.residual, device=self.device)
+            out = self.aligner.onto(self.ref, state)
         else:
             out = state
         uri = store.join(self.out_dir, f"{row['model_id']}.safetensors")
@@ -101,14 +100,14 @@ class Canonicalizer:
                 continue
             died = ray.get(self.ledger.start_row.remote(row["model_id"])) if one_by_one else 0
             if died > self.cfg.max_retries:
-                rows.append(row | _NO_RESULT | {"status": "error", "error": (
-                    f"{row['uri']}: the worker process died each time it canonicalized this checkpoint "
-                    f"({died + 1} attempts); is it too large for the worker's memory?")})
+                rows.append(error_row(row, f"{row['uri']}: the worker process died each time it canonicalized this "
+                                           f"checkpoint ({died + 1} attempts); is it too large for the worker's memory?",
+                                      **_NO_RESULT))
             else:
                 try:
                     rows.append(row | self.one(row))
                 except Exception as exc:             # whatever goes wrong with one model stays in its row
-                    rows.append(row | _NO_RESULT | {"status": "error", "error": row_error(row["uri"], exc)})
+                    rows.append(error_row(row, row_error(row["uri"], exc), **_NO_RESULT))
             if one_by_one:
                 self.ledger.finish.remote([row["model_id"]])
         if self.ledger is not None and not one_by_one:
@@ -183,18 +182,6 @@ def canonicalize_manifest(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str
         out[["model_id", *_RESULT_COLUMNS, "status", "error"]], on="model_id", how="left")
     merged["reference_id"] = ref_row["model_id"]
     return merged.sort_values("model_id").reset_index(drop=True)
-
-
-def run_canon(cfg: RunConfig, st: RunStore) -> dict:
-    """The canon stage: every row of the zoo manifest into canonical/, one output row each."""
-    zoo_man = st.manifest("zoo")
-    man = canonicalize_manifest(zoo_man, cfg.canon, st.stage_uri("canon"), cfg.zoo)
-    store.write_table(st.stage_uri("canon", "manifest.parquet"), man)
-    ok = man[man["status"] == "ok"]
-    info = store.counts(man) | {"rows_in": len(zoo_man), "enabled": cfg.canon.enabled,
-                                "dist_before_mean": float(ok["dist_before"].mean()),
-                                "dist_after_mean": float(ok["dist_after"].mean())}
-    return info
 
 
 def load_canonical(cfg: RunConfig, st: RunStore) -> tuple[pd.DataFrame, np.ndarray]:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dwf_ray.archs import ArchSpec, permutation_spec
-from dwf_ray.canon.matching import canonicalize, distance
-from dwf_ray.weights import WeightLayout
+from dwf_ray.archs import ArchSpec
+from dwf_ray.canon.align import Aligner
+from dwf_ray.canon.matching import distance
 
 
 def pairwise_sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -103,17 +103,15 @@ def matched_nearest(arch_json: str, zoo: np.ndarray, models: np.ndarray, cands: 
     """(distance, index) of the nearest zoo model up to permutation: each model is weight-matched onto
     each of its candidate zoo models and the smallest distance is kept (never more than the direct one).
     ``residual``: transformers' residual streams are matched too (as ``canon.residual``)."""
-    from dwf_ray.runtime import task_device
-    arch = ArchSpec.from_json(arch_json)
-    layout, spec, dev = WeightLayout.from_arch(arch), permutation_spec(arch), task_device()
+    aligner = Aligner(ArchSpec.from_json(arch_json), residual)
+    layout = aligner.layout
     dist, idx = np.empty(len(models)), np.empty(len(models), dtype=int)
     for r, (vec, row) in enumerate(zip(models, cands)):
         state = layout.unflatten(vec)
         best = (np.inf, -1)
         for j in dict.fromkeys(int(c) for c in row):
             ref = layout.unflatten(zoo[j])
-            moved, _ = canonicalize(spec, ref, state, residual=residual, device=dev)
-            best = min(best, (distance(ref, moved, layout.names), j))
+            best = min(best, (distance(ref, aligner.onto(ref, state), layout.names), j))
         dist[r], idx[r] = best
     return dist, idx
 

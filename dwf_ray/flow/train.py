@@ -1,4 +1,5 @@
-"""Stage 4: flow-matching training of the velocity network on PCA latents with Ray Train (DDP)."""
+"""Flow-matching training of the velocity network on latents with Ray Train (DDP); the flow stage is
+``flow/stage.py``."""
 from __future__ import annotations
 
 import os
@@ -8,12 +9,10 @@ import numpy as np
 import torch
 
 from dwf_ray import store
-from dwf_ray.config import FlowConfig, RunConfig
+from dwf_ray.config import FlowConfig
 from dwf_ray.flow.checkpoint import LatentScaler, save_flow
-from dwf_ray.flow.trainer import (FlowTrainer, check_labels, holdout_indices, is_eval_step, noise_generator,
-                                  selectable)
-from dwf_ray.runtime import run_with_progress
-from dwf_ray.store import RunStore
+from dwf_ray.flow.trainer import (CheckpointChoice, FlowTrainer, check_labels, holdout_indices, is_eval_step,
+                                  noise_generator, selection_loss)
 
 
 def _labels(values) -> torch.Tensor | None:
@@ -48,7 +47,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"flow: resuming from the checkpoint of step {start}", flush=True)
     g = noise_generator(cfg.seed, rank, start)
-    progress = config.get("progress") if rank == 0 else None    # a runtime.Counter the driver shows
+    progress = config.get("progress") if rank == 0 else None    # a runtime.progress.Counter the driver shows
     running = 0.0
     for step in range(start, cfg.steps):
         idx = torch.randint(len(z_train), (local_batch,), generator=g)
@@ -59,7 +58,7 @@ def train_loop(config: dict) -> None:
             n_since = step + 1 - (history[-1]["step"] if history else start)
             metrics = {"step": step + 1, "train_loss": running / n_since,
                        "heldout_loss": trainer.heldout(z_hold, y_hold)}
-            metrics["selection_loss"] = metrics["heldout_loss"] if selectable(cfg, step + 1) else float("inf")
+            metrics["selection_loss"] = selection_loss(cfg, step + 1, metrics["heldout_loss"])
             running = 0.0
             history.append(metrics)
             if rank == 0:
@@ -79,8 +78,8 @@ def train_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "fl
     """Train on Ray Train; the checkpoint with the lowest held-out loss is written to ``out_dir/model.pt``.
 
     ``labels`` (one integer class per latent) train a conditional flow. ``loop`` is the worker function
-    (``train_loop``; tests wrap it to inject failures). ``progress``: a ``runtime.Counter`` that rank 0 sets
-    to the steps done.
+    (``train_loop``; tests wrap it to inject failures). ``progress``: a ``runtime.progress.Counter`` that rank 0
+    sets to the steps done.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -108,7 +107,11 @@ def train_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "fl
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()
-    best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["selection_loss"])
+    choice, best_ckpt = CheckpointChoice(), None
+    for ckpt, metrics in result.best_checkpoints:
+        if choice.offer(metrics):
+            best_ckpt = ckpt
+    best_metrics = choice.metrics
     with best_ckpt.as_directory() as d:
         st = torch.load(os.path.join(d, "flow.pt"), map_location="cpu", weights_only=True)
     with result.checkpoint.as_directory() as d:
@@ -119,12 +122,3 @@ def train_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "fl
             "n_holdout": len(hold) if held_out else 0, "n_classes": n_classes}
     save_flow(store.join(out_dir, "model.pt"), st["ema"], cfg, scaler, z.shape[1], info, n_classes)
     return info
-
-
-def run_flow(cfg: RunConfig, st: RunStore) -> dict:
-    """The flow stage: train on the run's PCA latents; writes flow/model.pt."""
-    from dwf_ray.pca.shards import PCAModel
-    z = PCAModel.load_latents(st.uri("pca"))
-    info = run_with_progress(lambda counter: train_flow(z, cfg.flow, st.uri("flow"), progress=counter),
-                             cfg.flow.steps, "flow")
-    return {k: v for k, v in info.items() if k != "history"}

@@ -8,11 +8,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dwf_ray.config import FlowConfig
 from dwf_ray.flow.model import build_velocity_net
-from dwf_ray.flow.path import ot_pair, source_noise, straight_path, training_times
+from dwf_ray.flow.guidance import drop_labels
+from dwf_ray.flow.loss import flow_matching_loss
+from dwf_ray.flow.path import StraightPath
 
 
 def lr_lambda(cfg: FlowConfig):
@@ -45,22 +46,13 @@ class FlowTrainer:
         self.ema.to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
-
-    def path_batch(self, x1: torch.Tensor, g: torch.Generator, ot: bool):
-        """(x_t, t, target velocity) for targets ``x1`` with fresh source noise, times and path noise."""
-        c = self.cfg
-        x0 = source_noise(c.source, x1.shape, g) * c.source_std
-        if ot:
-            x0 = ot_pair(x0, x1)
-        t = training_times(c.time_dist, len(x1), g, c.time_loc, c.time_scale)
-        xt, v = straight_path(x0, x1, t, c.sigma, g)
-        return xt, t, v
+        self.path = StraightPath.from_config(cfg)
 
     def step(self, x1: torch.Tensor, g: torch.Generator, y: torch.Tensor | None = None) -> float:
-        xt, t, v = self.path_batch(x1, g, self.cfg.ot_coupling)
+        sample = self.path.sample_for(x1, g)
         if y is not None:
-            y = torch.where(torch.rand(len(y), generator=g) < self.cfg.p_uncond, self.net.n_classes, y).to(self.device)
-        loss = F.mse_loss(self.model(xt.to(self.device), t.to(self.device), y), v.to(self.device))
+            y = drop_labels(y, self.cfg.p_uncond, self.net.n_classes, g).to(self.device)
+        loss = flow_matching_loss(self.model, sample, self.device, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -77,9 +69,9 @@ class FlowTrainer:
         OT pairing, so that checkpoints compare fairly."""
         self.ema.eval()
         g = torch.Generator().manual_seed(seed)
-        xt, t, v = self.path_batch(z_hold.cpu().repeat(repeats, 1), g, ot=False)
+        sample = self.path.without_ot().sample_for(z_hold.cpu().repeat(repeats, 1), g)
         labels = None if y_hold is None else y_hold.repeat(repeats).to(self.device)
-        loss = float(F.mse_loss(self.ema(xt.to(self.device), t.to(self.device), labels), v.to(self.device)))
+        loss = float(flow_matching_loss(self.ema, sample, self.device, labels))
         self.ema.train()
         return loss
 
@@ -98,6 +90,27 @@ def selectable(cfg: FlowConfig, step: int) -> bool:
     """Whether the checkpoint after ``step`` steps may be chosen: early checkpoints of a flow that memorises
     its few latents can score a lower held-out loss by chance while undertrained (kept only for resuming)."""
     return step >= cfg.select_after * cfg.steps or step == cfg.steps
+
+
+def selection_loss(cfg: FlowConfig, step: int, heldout: float) -> float:
+    """What the checkpoint after ``step`` steps is chosen by: its held-out loss once ``selectable``, else inf."""
+    return heldout if selectable(cfg, step) else float("inf")
+
+
+class CheckpointChoice:
+    """Which checkpoint a flow run keeps, in one place for the Ray Train run and ``train_in_process``: the lowest
+    ``selection_loss`` offered, the earliest of equals."""
+
+    def __init__(self):
+        self.metrics: dict | None = None
+
+    def offer(self, metrics: dict) -> bool:
+        """Whether the checkpoint with ``metrics`` (its ``step`` and ``selection_loss``) is the best so far; it is
+        then the one chosen."""
+        if self.metrics is None or metrics["selection_loss"] < self.metrics["selection_loss"]:
+            self.metrics = metrics
+            return True
+        return False
 
 
 def is_eval_step(cfg: FlowConfig, step: int) -> bool:
@@ -139,17 +152,16 @@ def train_in_process(z: np.ndarray, cfg: FlowConfig, labels=None) -> tuple[FlowT
     trainer = FlowTrainer(cfg, u.shape[1], n_classes=0 if y is None else int(y.max()) + 1)
     g = noise_generator(cfg.seed)
     train = torch.as_tensor(train)
-    best = {"best_step": None, "best_heldout_loss": float("inf")}
-    best_state = None
+    choice, best_state = CheckpointChoice(), None
     for step in range(cfg.steps):
         idx = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
         trainer.step(u[idx], g, None if y is None else y[idx])
         if is_eval_step(cfg, step + 1) and selectable(cfg, step + 1):
             loss = trainer.heldout(u[hold], None if y is None else y[hold])
-            if loss < best["best_heldout_loss"]:
-                best = {"best_step": step + 1, "best_heldout_loss": loss}
+            if loss < math.inf and choice.offer({"step": step + 1, "selection_loss": loss}):   # never NaN
                 best_state = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
     if best_state is None:
         raise ValueError("the held-out flow-matching loss was never finite: training diverged")
     trainer.ema.load_state_dict(best_state)
+    best = {"best_step": choice.metrics["step"], "best_heldout_loss": choice.metrics["selection_loss"]}
     return trainer, {**best, "seconds": time.perf_counter() - t0}

@@ -6,18 +6,14 @@ single product [1, z] @ basis^T. Local shards are memory-mapped when loaded.
 """
 from __future__ import annotations
 
-import json
-import os
-import struct
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
 from dwf_ray import store
+from dwf_ray.safetensors_header import encode_header
 
 BASIS = "basis"
 
@@ -38,35 +34,6 @@ class Shard:
 
 
 @contextmanager
-def _atomic_stream(uri: str):
-    """A binary file to write in order: a temp file renamed on success locally, a multipart upload on S3.
-
-    Nothing is left at ``uri`` when the block raises.
-    """
-    if store.is_local(uri):
-        path = uri.removeprefix("file://")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    fs, path = fsspec.core.url_to_fs(uri)
-    f = fs.open(path, "wb")
-    try:
-        yield f
-    except BaseException:
-        f.discard()
-        raise
-    f.close()
-    fs.invalidate_cache(path)
-
-
-@contextmanager
 def write_shard(uri: str, start: int, stop: int, k: int):
     """Yields ``put(rows)``: call it with consecutive (rows, 1 + k) float32 blocks covering [start, stop).
 
@@ -77,11 +44,8 @@ def write_shard(uri: str, start: int, stop: int, k: int):
     rows_total, left = stop - start, [stop - start]
     header = {BASIS: {"dtype": "F32", "shape": [rows_total, 1 + k], "data_offsets": [0, 4 * rows_total * (1 + k)]},
               "__metadata__": {"start": str(start), "stop": str(stop)}}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-
-    with _atomic_stream(uri) as f, ThreadPoolExecutor(1) as writer:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+    with store.atomic_writer(uri) as f, ThreadPoolExecutor(1) as writer:
+        f.write(encode_header(header))
         pending = [writer.submit(lambda: None)]
 
         def put(rows: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Distributed PCA on the smaller side of the zoo, and the sharded PCAModel that every later stage loads.
+"""Distributed PCA on the smaller side of the zoo (the fit; ``pca/model.py`` loads its output).
 
 n < d (the Gram side): GramShard actors each own one column slice of the zoo; the driver solves the n x n problem
 and the actors write their slices of the components. d < n (the covariance side): RowShard actors each own a
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import time
-import warnings
 from contextlib import contextmanager
 from typing import Callable
 
@@ -20,15 +19,13 @@ import ray
 from tqdm.auto import tqdm
 
 from dwf_ray import store
-from dwf_ray.archs import ArchSpec
-from dwf_ray.config import PCAConfig, RunConfig
+from dwf_ray.config import PCAConfig
 from dwf_ray.pca.covariance import covariance_eigen, orient, projection_weights
 from dwf_ray.pca.dual import centre_gram, component_weights, latents, oriented, top_eigen
 from dwf_ray.pca.gram import GramShard, plan_blocks
 from dwf_ray.pca.reader import model_columns
 from dwf_ray.pca.rows import RowShard, plan_rows
-from dwf_ray.pca.shardfile import Shard, load_shard, write_shard
-from dwf_ray.store import RunStore
+from dwf_ray.pca.shardfile import write_shard
 from dwf_ray.weights import WeightLayout
 
 
@@ -195,68 +192,3 @@ def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLay
             **files}
     store.write_json(store.join(out_dir, "meta.json"), meta)
     return meta
-
-
-def run_pca(cfg: RunConfig, st: RunStore) -> dict:
-    """The pca stage: PCA of the usable canonical models; writes pca/ and prints the variance kept."""
-    ok = store.ok_rows(st.manifest("canon"))
-    meta = fit_distributed_pca(list(ok["canon_uri"]), list(ok["model_id"]), WeightLayout.from_arch(
-        ArchSpec.parse(cfg.zoo.arch)), cfg.pca, st.stage_uri("pca"))
-    print(f"pca: {meta['side']} side, n={meta['n']} models, d={meta['d']:,}: k={meta['k']} components keep "
-          f"{meta['explained_variance_total']:.2%} of the variance", flush=True)
-    return {"n": meta["n"], "d": meta["d"], "k": meta["k"], "side": meta["side"],
-            "explained_variance_total": meta["explained_variance_total"]}
-
-
-class PCAModel:
-    """The persisted, sharded PCA: project weights to latents and decode latents, shard by shard.
-
-    Local shard files are memory-mapped, so a loaded model holds no component in memory until it is used.
-    """
-
-    def __init__(self, meta: dict, shards: list[Shard]):
-        self.meta, self.shards = meta, shards
-        self.d, self.k = meta["d"], meta["k"]
-
-    @classmethod
-    def load(cls, pca_dir: str) -> "PCAModel":
-        meta = store.read_json(store.join(pca_dir, "meta.json"))
-        return cls(meta, [load_shard(store.join(pca_dir, s["file"])) for s in meta["shards"]])
-
-    @staticmethod
-    def load_latents(pca_dir: str) -> np.ndarray:
-        return np.load(io.BytesIO(store.read_bytes(store.join(pca_dir, "latents.npy"))))
-
-    def decode(self, z: np.ndarray) -> np.ndarray:
-        """(m, k) latents -> (m, d) flat weights: one matrix product [1, z] @ basis^T per shard.
-
-        The products run in torch, on its thread setting: NumPy's BLAS keeps its own threads spinning after
-        each product, which cost a sampling replica 5 to 7 times the CPU of the product itself."""
-        import torch
-        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
-        if z.shape[1] != self.k:
-            raise ValueError(f"latents have {z.shape[1]} coordinates, this PCA has k={self.k}")
-        z1 = torch.from_numpy(np.hstack([np.ones((len(z), 1), dtype=np.float32), z]))
-        with warnings.catch_warnings():   # the bases may be read-only (loaded from bytes): only read here
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.cat([z1 @ torch.from_numpy(s.basis).T for s in self.shards], dim=1).numpy()
-
-    def project(self, x: np.ndarray) -> np.ndarray:
-        """(m, d) flat weights -> (m, k): the sum over shards of (x_k - mean_k) V_k."""
-        x = np.atleast_2d(np.asarray(x, dtype=np.float32))
-        if x.shape[1] != self.d:
-            raise ValueError(f"weights have {x.shape[1]} parameters, this PCA has d={self.d}")
-        return sum((x[:, s.start:s.stop] - s.mean) @ s.components for s in self.shards)
-
-    def project_checkpoints(self, uris: list[str], layout: WeightLayout, block: int = 1 << 20) -> np.ndarray:
-        """(m, k) latents of checkpoints, reading each one's columns shard by shard, never a whole model."""
-        sources = [model_columns(u, layout) for u in uris]
-        z = np.zeros((len(uris), self.k), dtype=np.float64)
-        x = np.empty((len(uris), min(block, self.d)), dtype=np.float32)
-        for s in self.shards:
-            for a in range(s.start, s.stop, block):
-                b = min(a + block, s.stop)
-                for row, src in zip(x, sources):
-                    src.read(a, b, row[:b - a])
-                z += (x[:, :b - a] - s.mean[a - s.start:b - s.start]) @ s.components[a - s.start:b - s.start]
-        return z.astype(np.float32)

@@ -32,7 +32,8 @@ from dwf_ray.accuracy import recalibrate_batchnorm
 from dwf_ray.archs import ArchSpec
 from dwf_ray.config import RunConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import ensure_ray, row_blocks
+from dwf_ray.runtime import ensure_ray
+from dwf_ray.runtime.data import row_blocks
 from dwf_ray.store import RunStore, ok_rows
 from dwf_ray.weights import load_model_state, to_module
 

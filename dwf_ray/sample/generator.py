@@ -13,30 +13,11 @@ from dwf_ray import store
 from dwf_ray.archs import ArchSpec
 from dwf_ray.config import FlowConfig, RunConfig
 from dwf_ray.flow.checkpoint import LatentScaler, load_flow
-from dwf_ray.flow.path import source_noise
+from dwf_ray.flow.guidance import guided_velocity
+from dwf_ray.flow.path import StraightPath
 from dwf_ray.flow.solvers import integrate
-from dwf_ray.pca.shards import PCAModel
+from dwf_ray.pca.model import PCAModel
 from dwf_ray.weights import WeightLayout, save_checkpoint
-
-
-def guided_velocity(net: torch.nn.Module, label: int | None, guidance: float):
-    """f(t, x) for the ODE solver. With a label (conditional flow): v_uncond + w (v_cond - v_uncond);
-    w = 1 is the plain conditional flow, w = 0 the unconditional one."""
-    if label is None:
-        return lambda t, x: net(x, t)
-    if not 0 <= label < getattr(net, "n_classes", 0):
-        raise ValueError(f"label {label} is out of range for a flow with {getattr(net, 'n_classes', 0)} classes")
-
-    def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        n = len(x)
-        y = torch.full((n,), label, dtype=torch.long, device=x.device)
-        if guidance == 1.0:
-            return net(x, t, y)
-        null = torch.full((n,), net.n_classes, dtype=torch.long, device=x.device)
-        v = net(torch.cat([x, x]), t.expand(2 * n) if t.dim() == 0 else torch.cat([t, t]), torch.cat([y, null]))
-        v_cond, v_uncond = v[:n], v[n:]
-        return v_uncond + guidance * (v_cond - v_uncond)
-    return f
 
 
 @dataclass
@@ -119,7 +100,7 @@ class Generator:
     def source(self, n: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
         """(n, dim) source noise of one call: the flow's source distribution, scaled by ``temperature``."""
         g = torch.Generator().manual_seed(seed)
-        return source_noise(self.flow_cfg.source, (n, self.dim), g) * self.flow_cfg.source_std * temperature
+        return StraightPath.from_config(self.flow_cfg).source((n, self.dim), g) * temperature
 
     @torch.no_grad()
     def solve(self, x0: torch.Tensor, solver: str = "rk4", steps: int = 100, label: int | None = None,

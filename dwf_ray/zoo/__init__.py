@@ -1,9 +1,11 @@
-"""Stage 1: train a zoo of models with different seeds as Ray tasks, or import checkpoints."""
+"""Training a zoo of models with different seeds as Ray tasks, or importing checkpoints (the zoo stage is
+``zoo/stage.py``)."""
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+from typing import Callable
 
 import pandas as pd
 import ray
@@ -13,16 +15,19 @@ import torch.nn.functional as F
 from dwf_ray import store
 from dwf_ray.accuracy import accuracy
 from dwf_ray.archs import ArchSpec, build_model
-from dwf_ray.config import RunConfig, ZooConfig
+from dwf_ray.config import ZooConfig
 from dwf_ray.data import dataset_for
-from dwf_ray.runtime import cluster_cpus, row_blocks, wait_with_progress
-from dwf_ray.store import RunStore
-from dwf_ray.weights import CheckpointError, load_checkpoint, load_model_state, row_error, save_checkpoint
+from dwf_ray.runtime import cluster_cpus
+from dwf_ray.runtime.data import row_blocks
+from dwf_ray.runtime.progress import wait_with_progress
+from dwf_ray.weights import (CheckpointError, error_row, load_checkpoint, load_model_state, row_error,
+                             save_checkpoint)
 from dwf_ray.zoo.formats import scan
 from dwf_ray.zoo.lockstep import chunk_metrics, lockstep_problem, lr_schedule, train_lockstep
 
 LOCKSTEP_CHUNK = 256    # default models per task for lockstep families (bench/zoo_throughput.py measures it)
 
+_NO_MEMBER = {"n_params": 0, "sha256": ""}    # what an error row has instead of a written checkpoint
 MANIFEST_COLUMNS = ["model_id", "uri", "arch", "dataset", "seed", "n_params", "sha256",
                     "train_acc", "val_acc", "test_acc", "status", "error"]
 
@@ -102,9 +107,9 @@ def _train_together(members: list[tuple[str, str, int]], arch: ArchSpec, cfg: Zo
         if epoch is None:
             rows.append(_write_member(model_id, uri, arch, cfg, seed, state, acc))
         else:
-            rows.append(_row(model_id, uri, arch, cfg, seed, status="error", n_params=0, sha256="",
-                             error=f"{uri}: seed {seed} diverged (training loss not finite in epoch {epoch}); "
-                                   f"its chunk-mates were kept"))
+            rows.append(error_row(_row(model_id, uri, arch, cfg, seed),
+                                  f"{uri}: seed {seed} diverged (training loss not finite in epoch {epoch}); "
+                                  f"its chunk-mates were kept", **_NO_MEMBER))
     return rows
 
 
@@ -148,30 +153,39 @@ def train_zoo(cfg: ZooConfig, out_dir: str) -> pd.DataFrame:
     refs = [task.remote(cfg_json, chunk) for chunk in chunks]
 
     def died(i: int, exc: Exception) -> list[dict]:   # the worker died on every attempt: error rows, the rest go on
-        return [_row(model_id, uri, arch, cfg, seed, status="error", n_params=0, sha256="",
-                     error=f"{uri}: the worker process died each time it trained this model's chunk "
-                           f"({1 + cfg.max_retries} attempts; {type(exc).__name__})")
+        return [error_row(_row(model_id, uri, arch, cfg, seed),
+                          f"{uri}: the worker process died each time it trained this model's chunk "
+                          f"({1 + cfg.max_retries} attempts; {type(exc).__name__})", **_NO_MEMBER)
                 for model_id, uri, seed in chunks[i]]
     parts = wait_with_progress(refs, "zoo: training", sizes=[len(c) for c in chunks], on_died=died)
     return pd.DataFrame([row for part in parts for row in part], columns=MANIFEST_COLUMNS)
 
 
-def _import_batch(batch: pd.DataFrame, arch_json: str) -> pd.DataFrame:
-    """Validate each source checkpoint against the ArchSpec and write it as a safetensors zoo member."""
-    arch = ArchSpec.from_json(arch_json)
+def import_rows(batch: pd.DataFrame, write: Callable[[dict], dict], failed_uri: str, **blanks) -> pd.DataFrame:
+    """Each row of an import batch with the columns ``write(row)`` gives (it writes the row's model as a zoo
+    member); a row whose scan or write failed becomes an error row, its uri the row's ``failed_uri`` column and
+    ``blanks`` its values. The import goes on."""
     rows = []
     for row in batch.to_dict("records"):
         try:
             if row["scan_error"]:
                 raise CheckpointError(row["scan_error"])
-            state, _ = load_model_state(row["source_uri"], arch)
-            row.update(n_params=int(sum(v.size for v in state.values())), status="ok", error="",
-                       sha256=save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"]}))
-        except Exception as exc:  # a bad file becomes an error row naming it; the import goes on
-            row.update(uri=row["source_uri"], n_params=0, sha256="", status="error",
-                       error=row_error(row["source_uri"], exc))
-        rows.append(row)
+            rows.append(row | write(row))
+        except Exception as exc:  # a bad model becomes an error row naming it
+            rows.append(error_row(row, row_error(row["source_uri"] or row[failed_uri], exc), uri=row[failed_uri],
+                                  **_NO_MEMBER, **blanks))
     return pd.DataFrame(rows)
+
+
+def _import_batch(batch: pd.DataFrame, arch_json: str) -> pd.DataFrame:
+    """Validate each source checkpoint against the ArchSpec and write it as a safetensors zoo member."""
+    arch = ArchSpec.from_json(arch_json)
+
+    def write(row: dict) -> dict:
+        state, _ = load_model_state(row["source_uri"], arch)
+        return dict(n_params=int(sum(v.size for v in state.values())), status="ok", error="",
+                    sha256=save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"]}))
+    return import_rows(batch, write, "source_uri")
 
 
 def import_checkpoints(source: str, arch: ArchSpec, dataset: str, out_dir: str, batch_size: int = 16) -> pd.DataFrame:
@@ -221,18 +235,3 @@ def check_zoo_config(cfg: ZooConfig) -> None:
     from dwf_ray.data import dataset_args
     dataset_args(cfg.dataset, cfg.dataset_args)
     models_per_task(cfg, 1)
-
-
-def run_zoo(cfg: RunConfig, st: RunStore) -> dict:
-    """The zoo stage: train ``cfg.zoo.n_models`` models; writes zoo/ and its manifest."""
-    check_arch_fits_data(ArchSpec.parse(cfg.zoo.arch), cfg.zoo)
-    man = train_zoo(cfg.zoo, st.stage_uri("zoo"))
-    store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
-    return store.counts(man) | {"test_acc_mean": float(man["test_acc"].mean())}
-
-
-def run_import(cfg: RunConfig, st: RunStore, source: str) -> dict:
-    """The zoo stage for checkpoints trained elsewhere: every model under ``source`` gets a manifest row."""
-    man = import_checkpoints(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, st.stage_uri("zoo"))
-    store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
-    return store.counts(man) | {"source": source}

@@ -29,9 +29,7 @@ import pandas as pd
 
 from dwf_ray import store
 from dwf_ray.archs import ArchSpec
-from dwf_ray.config import RunConfig
-from dwf_ray.store import RunStore
-from dwf_ray.weights import CheckpointError, row_error, save_checkpoint, torch_load_data, validate_state
+from dwf_ray.weights import CheckpointError, save_checkpoint, torch_load_data, validate_state
 from dwf_ray.zoo.formats import FormatError, Found, _relative, common_arch
 
 PARAMS, RESULT, CHECKPOINT_FILE, TRIAL_ERROR = "params.json", "result.json", "checkpoints", "error.txt"
@@ -208,30 +206,24 @@ def _import_zoo_batch(batch: pd.DataFrame, arch_json: str, epoch: int, max_abs_w
     """Each model folder's checkpoint at ``epoch`` written as our safetensors zoo member, with its metrics."""
     import torch
     torch.set_num_threads(1)
+    from dwf_ray.zoo import import_rows
     arch = ArchSpec.from_json(arch_json)
-    rows = []
-    for row in batch.to_dict("records"):
-        try:
-            if row["scan_error"]:
-                raise CheckpointError(row["scan_error"])
-            result = epoch_result(row["folder"], epoch)
-            state = read_zoo_state(row["source_uri"], arch, max_abs_weight)
-            sha256 = save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"], "epoch": int(epoch),
-                                                                      "seed": int(row["seed"])})
-            row.update(n_params=int(sum(v.size for v in state.values())), sha256=sha256, status="ok", error="",
-                       **{f"{k}_acc": _metric(result, f"{k}_acc") for k in ("train", "val", "test")})
-        except Exception as exc:  # a bad model becomes an error row naming its folder; the import goes on
-            row.update(uri=row["folder"], n_params=0, sha256="", status="error", train_acc=math.nan,
-                       val_acc=math.nan, test_acc=math.nan, error=row_error(row["source_uri"] or row["folder"], exc))
-        rows.append(row)
-    return pd.DataFrame(rows)
+
+    def write(row: dict) -> dict:
+        result = epoch_result(row["folder"], epoch)
+        state = read_zoo_state(row["source_uri"], arch, max_abs_weight)
+        sha256 = save_checkpoint(row["uri"], state, arch, extra={"source": row["source_uri"], "epoch": int(epoch),
+                                                                  "seed": int(row["seed"])})
+        return dict(n_params=int(sum(v.size for v in state.values())), sha256=sha256, status="ok", error="",
+                    **{f"{k}_acc": _metric(result, f"{k}_acc") for k in ("train", "val", "test")})
+    return import_rows(batch, write, "folder", train_acc=math.nan, val_acc=math.nan, test_acc=math.nan)
 
 
 def import_model_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str, epoch: int | None = None,
                      max_abs_weight: float | None = None, batch_size: int = 32) -> pd.DataFrame:
     """Import every model folder of the zoo at ``source`` in Ray Data tasks; one manifest row per folder (the
     model's seed, its hyper-parameters as JSON, its metrics at ``epoch``), error rows with their reason."""
-    from dwf_ray.runtime import row_blocks
+    from dwf_ray.runtime.data import row_blocks
     from dwf_ray.zoo import MANIFEST_COLUMNS
     found_arch, epoch, todo = scan_zoo(source, epoch)
     if found_arch != arch:
@@ -246,12 +238,3 @@ def import_model_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str, ep
     man = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri", "folder", "epoch", "hparams"])
     man["arch"], man["dataset"], man["epoch"] = arch.to_json(), dataset, epoch
     return man.sort_values("model_id").reset_index(drop=True)
-
-
-def run_modelzoo_import(cfg: RunConfig, st: RunStore, source: str, epoch: int | None, max_abs_weight: float | None) -> dict:
-    """The zoo stage for a Model Zoo folder: every model folder under ``source`` gets a manifest row."""
-    man = import_model_zoo(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, st.stage_uri("zoo"), epoch,
-                           max_abs_weight)
-    store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
-    return store.counts(man) | {"source": source, "epoch": int(man["epoch"].iloc[0]),
-                                "max_abs_weight": max_abs_weight}

@@ -1,4 +1,5 @@
-"""Stage 6: score the zoo, every set of samples and every baseline, set by set; write the report.
+"""The scheduling of evaluation: sets of models scored against one canonical zoo in Ray tasks (``ZooJudge``), a
+few sets in flight at a time (``judge_sets``); the eval stage and its metrics are ``eval/stage.py``.
 
 The zoo is loaded and every set is built (samples read from their manifests, baselines generated) in Ray tasks,
 into the object store, and so are every model's outputs; the driver holds object refs and per-model results
@@ -15,22 +16,15 @@ from typing import Callable, Iterable
 import numpy as np
 import ray
 
-from dwf_ray import store
-from dwf_ray.archs import ArchSpec, permutation_spec
-from dwf_ray.canon.matching import canonicalize
+from dwf_ray.archs import ArchSpec
 from dwf_ray.config import RunConfig
-from dwf_ray.eval.baselines import baseline_sets
 from dwf_ray.eval.diversity import (ModelOutputs, matched_nearest, merge_blocks, merge_k, nearest_in_block,
-                                   nearest_k, sample_rows, zoo_nn_median)
-from dwf_ray.eval.metrics import NOVELTY, SetResult, point
-from dwf_ray.eval.report import summary, write_report
+                                   nearest_k, sample_rows)
+from dwf_ray.eval.metrics import SetResult, point
 from dwf_ray.eval.scoring import score_flat
-from dwf_ray.runtime import cluster_cpus, wait_with_progress
-from dwf_ray.sample import sample_sets
-from dwf_ray.store import NO_CANON, STAGE_FOLDERS, RunStore, ok_rows
-from dwf_ray.weights import WeightLayout, load_flat_models
-
-GENERATOR = "generator"
+from dwf_ray.eval.tradeoff import add_margins
+from dwf_ray.runtime import cluster_cpus
+from dwf_ray.runtime.progress import wait_with_progress
 
 
 @dataclass(frozen=True)
@@ -41,16 +35,6 @@ class ScoredSet:
     build: Callable[[np.ndarray], np.ndarray]   # the canonical zoo -> the set's flat models (run in a Ray task)
     size: int                                   # models in the set (for the progress bar)
     build_gpus: float = 0.0                     # GPUs for the task that builds it (weight matching on a GPU)
-
-
-def canonicalize_flat(arch_json: str, ref: np.ndarray, flat: np.ndarray, residual: bool = False) -> np.ndarray:
-    """Weight-match (TransFusion for attention) each flat model onto the reference: the canonical flat models."""
-    from dwf_ray.runtime import task_device
-    arch = ArchSpec.from_json(arch_json)
-    layout, spec, dev = WeightLayout.from_arch(arch), permutation_spec(arch), task_device()
-    ref_state = layout.unflatten(ref)
-    return np.stack([layout.flatten(canonicalize(spec, ref_state, layout.unflatten(v), residual=residual, device=dev)[0])
-                     for v in flat])
 
 
 def _rows(flat: np.ndarray) -> int:
@@ -67,10 +51,6 @@ def _take_outputs(outputs: ModelOutputs, rows: np.ndarray) -> ModelOutputs:
 
 def _built(build: Callable[[np.ndarray], np.ndarray], zoo: np.ndarray) -> np.ndarray:
     return build(zoo)
-
-
-def _built_nn_median(build: Callable[[np.ndarray], np.ndarray], zoo: np.ndarray) -> float:
-    return zoo_nn_median(build(zoo))
 
 
 def stored(flat) -> tuple[ray.ObjectRef, int]:
@@ -199,34 +179,6 @@ class ZooJudge:
         return self.finish(self.submit(flat))
 
 
-def baseline_at(points: list[dict], method: str, x: float, field: str = "acc", axis: str = NOVELTY) -> float:
-    """A curve's ``field`` (accuracy, or its standard error ``se``) linearly interpolated to ``axis`` = ``x``
-    (clamped at its measured ends)."""
-    pts = sorted((p[axis], p[field]) for p in points if p["method"] == method)
-    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
-
-
-def add_margins(points: list[dict], axis: str = NOVELTY) -> None:
-    """Each generator point gets every baseline's accuracy at its novelty (``baselines_at``), ``margin`` over
-    the best of them (``best_baseline``), and ``margin_se``: the standard error of that difference (both means'
-    standard errors, the baseline's interpolated like its accuracy)."""
-    methods = list(dict.fromkeys(p["method"] for p in points if not p["method"].startswith(GENERATOR)))
-    for p in points:
-        if p["method"].startswith(GENERATOR) and methods:
-            accs = {m: baseline_at(points, m, p[axis], axis=axis) for m in methods}
-            best = max(accs, key=accs.get)
-            p["baselines_at"] = accs
-            p["best_baseline"] = best
-            p["margin"] = p["acc"] - accs[best]
-            p["margin_se"] = float(np.hypot(p["se"], baseline_at(points, best, p[axis], "se", axis)))
-
-
-def accepted(p: dict, min_novelty: float) -> bool:
-    """An operating point passes when it is novel enough in function space and beats the best baseline at
-    equal functional novelty by more than one standard error."""
-    return bool(p[NOVELTY] >= min_novelty and p.get("margin", -np.inf) > p.get("margin_se", np.inf))
-
-
 def judge_sets(judge: ZooJudge, sets: Iterable[ScoredSet], in_flight: int = 3) -> tuple[list[dict], dict[str, SetResult]]:
     """Trade-off points and per-model results of every set. Each set is built from the zoo in a Ray task, and
     at most ``in_flight`` of them wait in the object store while the cluster scores them."""
@@ -245,96 +197,3 @@ def judge_sets(judge: ZooJudge, sets: Iterable[ScoredSet], in_flight: int = 3) -
     points = [point(s.key, s.method, s.setting, results[s.key], judge.result) for s in sets]
     add_margins(points)
     return points, results
-
-
-def evaluate(cfg: RunConfig, arch: ArchSpec, zoo, generated: list[ScoredSet],
-             extra: list[ScoredSet] = ()) -> tuple[dict, dict]:
-    """Returns (metrics, accuracies per set). ``zoo``: the canonical zoo's flat models or an object ref to them;
-    ``generated``: the sample sets, the configured temperature first; ``extra``: further generator sets (the
-    no-canon variant). All flat weights are in canonical space."""
-    from tqdm.auto import tqdm
-    ec = cfg.eval
-    layout = WeightLayout.from_arch(arch)
-    zoo, n_zoo = stored(zoo)
-    sample = sample_rows(n_zoo, ec.zoo_sample, ec.seed)    # the zoo models its reference statistics come from
-    # direct distance (the noise baseline's scale), over the same sample
-    zoo_median = ray.get(ray.remote(zoo_nn_median).remote(zoo, None if len(sample) == n_zoo else sample))
-    baselines = [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
-                 for b in baseline_sets(n_zoo, layout, ec, zoo_median)]
-    sets = [*generated, *baselines, *extra]
-    set_models = sum(s.size for s in sets)
-    total = n_zoo + set_models + (len(sample) + set_models if ec.weight_novelty else 0)   # scored, then matched
-    with tqdm(total=total, desc="eval", unit="model") as bar:
-        judge = ZooJudge(arch, cfg, zoo, bar)
-        points, results = judge_sets(judge, sets)
-    main = generated[0].key
-    op = next(p for p in points if p["key"] == main)
-    zoo_r = judge.result
-    accuracy = {"zoo": summary(zoo_r.acc)} | {s.key: summary(results[s.key].acc) for s in [*generated, *extra]}
-    gen_nn_median = ray.get(ray.remote(_built_nn_median).remote(generated[0].build, zoo))
-    metrics = {
-        "preset": cfg.preset,
-        "model": {"family": arch.family, "args": arch.args, "n_params": layout.size, "dataset": cfg.zoo.dataset},
-        "accuracy": accuracy,
-        "zoo": point("zoo", "zoo", "", zoo_r, zoo_r),
-        "tradeoff": points,
-        "model_accuracy": {"zoo": [round(float(a) * 100, 4) for a in zoo_r.acc]} |
-                          {key: [round(float(a) * 100, 4) for a in r.acc] for key, r in results.items()},
-        "diversity": {"zoo_reference": zoo_reference(len(sample), n_zoo, ec.seed),
-                      "zoo_median_disagreement": float(np.median(zoo_r.disagreement)),
-                      "zoo_nn_median_direct": zoo_median,
-                      "zoo_nn_median_matched": None if zoo_r.weight_dist is None else float(np.median(zoo_r.weight_dist)),
-                      # spread of the generated set itself (its own median NN distance over the zoo's, direct)
-                      "generated_self_nn_ratio": gen_nn_median / zoo_median},
-        "operating_point": {**{k: op.get(k) for k in ("setting", "acc", "se", NOVELTY, "similarity", "weight_novelty",
-                                                       "baselines_at", "best_baseline", "margin", "margin_se")},
-                            "temperature": cfg.sample.temperature, "min_novelty": ec.accept_novelty,
-                            "gap_to_zoo": accuracy["zoo"]["mean"] - op["acc"],
-                            "accepted": accepted(op, ec.accept_novelty),
-                            "passing_settings": [p["setting"] for p in points
-                                                 if p["method"] == GENERATOR and accepted(p, ec.accept_novelty)]},
-    }
-    return metrics, {"zoo": zoo_r.acc, "generated": results[main].acc}
-
-
-def zoo_reference(sampled: int, n_zoo: int, seed: int) -> dict:
-    """How the zoo's own statistics (the units of novelty, its row of the trade-off) were measured."""
-    how = (f"{sampled} of {n_zoo} zoo models drawn uniformly without replacement (seed {seed}), each against "
-           "the whole zoo, itself left out" if sampled < n_zoo else
-           f"every zoo model ({n_zoo}) against the rest of the zoo")
-    return {"models": sampled, "zoo_models": n_zoo, "sampled": sampled < n_zoo, "how": how}
-
-
-def _from_manifest(uri: str, arch: ArchSpec) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda zoo: load_flat_models(store.read_table(uri)["uri"], arch)
-
-
-def run_eval(cfg: RunConfig, st: RunStore) -> dict:
-    """The eval stage: score the zoo, every set of samples, the baselines (and the no-canon variant's samples
-    when that sub-run exists); writes report/."""
-    arch = ArchSpec.parse(cfg.zoo.arch)
-    ok = ok_rows(st.manifest("canon"))
-    zoo = ray.remote(load_flat_models).remote(ok["canon_uri"], arch)    # loaded into the object store by a task
-    generated = [ScoredSet("generated" if not folder else f"gen_{folder}", GENERATOR, f"T={temp:g}",
-                           _from_manifest(st.uri("samples", folder, "manifest.parquet"), arch), cfg.sample.n)
-                 for folder, (temp, _) in sample_sets(cfg).items()]
-    sub = RunStore(st.uri(NO_CANON), zoo_root=st.zoo_root)
-    extra = []
-    if cfg.eval.compare_no_canon and cfg.canon.enabled and sub.done(STAGE_FOLDERS["sample"]):
-        ref_index = list(ok["model_id"]).index(ok["reference_id"].iloc[0])
-        raw = _from_manifest(sub.stage_uri("sample", "manifest.parquet"), arch)
-
-        def aligned(zoo: np.ndarray) -> np.ndarray:   # aligned onto the reference, so that weight distances compare
-            return canonicalize_flat(arch.to_json(), zoo[ref_index], raw(zoo), cfg.canon.residual)
-        extra.append(ScoredSet("no_canon", f"{GENERATOR} (no canon)", f"T={cfg.sample.temperature:g}", aligned,
-                               cfg.sample.n, build_gpus=cfg.eval.num_gpus))
-    metrics, accs = evaluate(cfg, arch, zoo, generated, extra)
-    metrics["root"] = st.root
-    metrics["timings"] = st.stage_seconds()
-    if extra:
-        metrics["timings"].update({f"{k} (no canon)": v for k, v in sub.stage_seconds().items()})
-    metrics["counts"] = {s: st.stage_info(STAGE_FOLDERS[s]) for s in ("zoo", "canon", "pca") if st.done(STAGE_FOLDERS[s])}
-    write_report(st.uri("report"), metrics, accs["zoo"], accs["generated"])
-    op = metrics["operating_point"]
-    return {"zoo_acc": metrics["accuracy"]["zoo"]["mean"], "gen_acc": op["acc"], "novelty": op[NOVELTY],
-            "margin": op["margin"], "accepted": op["accepted"]}
