@@ -136,7 +136,7 @@ def test_conditional_flow_follows_its_label_and_guidance_sharpens():
         assert ridge[1.0][0] > 0.75 and ridge[1.0][1] < 0.5, ridge        # the class's own shape
         assert ridge[3.0][0] > max(0.9, ridge[1.0][0]) and ridge[3.0][1] < ridge[1.0][1], ridge   # sharper
         assert all(0.4 < r < 0.75 for r in ridge[0.0]), ridge            # w = 0: the mixture of both
-    with pytest.raises(ValueError, match="label 2 is out of range for a flow with 2 classes"):
+    with pytest.raises(ValueError, match=r"needs a label in 0..1 \(0, 1\); got 2"):
         sample_latents(trainer.ema, IDENTITY, 4, label=2)
     with pytest.raises(ValueError, match="labels must be 512 non-negative integers"):
         train_in_process(z, cfg, labels=y[:-1])
@@ -180,6 +180,11 @@ def test_ray_train_run_resumes_from_its_latest_checkpoint_after_a_worker_failure
     net, scaler, got = load_flow(str(tmp_path / "flow" / "model.pt"))
     assert got == cfg and net.n_classes == 0
     assert np.isfinite(sample_latents(net, scaler, 8, cfg.source_std, steps=4)).all()
+    # the checkpoint carries the noise and dropout streams: the resumed run is the undisturbed one
+    undisturbed = train_flow(z, cfg, str(tmp_path / "undisturbed"))
+    assert undisturbed["resumed_at"] == [] and undisturbed["best_step"] == info["best_step"]
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("flow", "undisturbed"))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]), "the resumed flow's weights differ"
 
 
 @pytest.fixture(scope="module")

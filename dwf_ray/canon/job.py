@@ -17,6 +17,7 @@ from dwf_ray.canon.matching import distance
 from dwf_ray.config import CanonConfig, RunConfig, ZooConfig
 from dwf_ray.data import dataset_for
 from dwf_ray.runtime.data import row_blocks, rows_with_progress
+from dwf_ray.runtime.progress import on_driver_node
 from dwf_ray.store import RunStore
 from dwf_ray.weights import (CheckpointError, error_row, load_flat_models, load_model_state, row_error,
                              save_checkpoint)
@@ -163,7 +164,8 @@ def canonicalize_manifest(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str
         check_supported(ArchSpec.from_json(ref_row["arch"]))
         activation_inputs = dataset_for(zoo).train.x[:cfg.activation_samples].numpy()
     rows = manifest[["model_id", "uri", "status", "error"]].fillna("").astype(str)
-    ledger = AttemptLedger.remote()      # bounds the retries of a row whose worker keeps dying
+    # bounds the retries of a row whose worker keeps dying; on the driver's node, so a node death leaves it
+    ledger = AttemptLedger.options(scheduling_strategy=on_driver_node()).remote()
     ds = row_blocks(rows, cfg.batch_size).map_batches(
         Canonicalizer,
         fn_constructor_kwargs=dict(ref_uri=ref_row["uri"], arch_json=ref_row["arch"], out_dir=out_dir,

@@ -22,6 +22,9 @@ def _labels(values) -> torch.Tensor | None:
 def train_loop(config: dict) -> None:
     """Ray Train worker loop (DDP): fresh noise every step, EMA, held-out loss, checkpoints, resume.
 
+    A checkpoint holds rank 0's random streams (noise and dropout) too: a one-worker run resumed from it goes on
+    exactly as the undisturbed run would have; other ranks start fresh, reproducible streams.
+
     ``config``: flow (FlowConfig dict), z_train, z_hold; for a conditional flow also y_train, y_hold, n_classes.
     """
     import ray.train
@@ -47,6 +50,9 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"flow: resuming from the checkpoint of step {start}", flush=True)
     g = noise_generator(cfg.seed, rank, start)
+    if ckpt and rank == 0 and "rng" in st:   # rank 0 goes on with the noise and dropout streams it had
+        g.set_state(st["rng"]["noise"])
+        torch.set_rng_state(st["rng"]["torch"])
     progress = config.get("progress") if rank == 0 else None    # a runtime.progress.Counter the driver shows
     running = 0.0
     for step in range(start, cfg.steps):
@@ -67,8 +73,9 @@ def train_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
+                    rng = {"noise": g.get_state(), "torch": torch.get_rng_state()}
                     torch.save({**trainer.state_dict(), "step": step + 1, "history": history,
-                                "resumed_at": resumed_at}, os.path.join(d, "flow.pt"))
+                                "resumed_at": resumed_at, "rng": rng}, os.path.join(d, "flow.pt"))
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
 

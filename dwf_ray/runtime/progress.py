@@ -17,14 +17,19 @@ class Counter:
         return self.value
 
 
+def on_driver_node():
+    """The scheduling strategy that keeps a bookkeeping actor on this driver's node: a worker node that dies
+    cannot take it along (a progress counter, the canon job's attempt ledger)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def run_with_progress(fn, total: int, desc: str, unit: str = "step", poll_s: float = 0.5):
     """``fn(counter)`` in a thread, with a tqdm bar that follows the ``Counter`` its workers set; returns (or
     raises) what ``fn`` does."""
     import threading
     from tqdm.auto import tqdm
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    counter = Counter.options(scheduling_strategy=here).remote()   # on the driver's node: lives as long as it
+    counter = Counter.options(scheduling_strategy=on_driver_node()).remote()
     out: dict = {}
 
     def target():

@@ -20,6 +20,14 @@ from dwf_ray.pca.model import PCAModel
 from dwf_ray.weights import WeightLayout, save_checkpoint
 
 
+class RequestError(ValueError):
+    """A sampling request the Generator cannot answer; ``field`` names the argument at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class Decoder:
     """Standardised latents -> flat weights of one zoo: its latent scaler, PCA and architecture."""
@@ -84,18 +92,23 @@ class Generator:
     def conditional(self) -> bool:
         return self.class_names is not None
 
-    def decoder(self, label: int | None) -> Decoder:
+    def check_request(self, label: int | None, guidance: float = 1.0) -> None:
+        """A label and guidance scale this flow can sample with; a RequestError naming the field otherwise."""
         if not self.conditional:
             if label is not None:
-                raise ValueError(f"label {label} given, but this flow is unconditional")
-            return self.decoders[0]
-        if label is None:
-            raise ValueError(f"this conditional flow needs a label: one of 0..{len(self.decoders) - 1} "
-                             f"({', '.join(self.class_names)})")
-        if not 0 <= label < len(self.decoders):
-            raise ValueError(f"label {label} is out of range for a flow with {len(self.decoders)} classes "
-                             f"({', '.join(self.class_names)})")
-        return self.decoders[label]
+                raise RequestError("label", f"label: {label} given, but this flow is unconditional; leave label out")
+            if guidance != 1.0:
+                raise RequestError("guidance", "guidance: needs a conditional flow (and a label)")
+            return
+        k = len(self.decoders)
+        if label is None or not 0 <= label < k:
+            got = "none given" if label is None else f"got {label}"
+            raise RequestError("label", f"label: this conditional flow needs a label in 0..{k - 1} "
+                                        f"({', '.join(self.class_names)}); {got}")
+
+    def decoder(self, label: int | None) -> Decoder:
+        self.check_request(label)
+        return self.decoders[0 if label is None else label]
 
     def source(self, n: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
         """(n, dim) source noise of one call: the flow's source distribution, scaled by ``temperature``."""

@@ -1,12 +1,11 @@
 """The Serve app's options (one typed config) and the arguments of its application builder."""
 from __future__ import annotations
 
-import json
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dwf_ray.config import validation_message
+from dwf_ray.config import SOLVERS, parse_overrides, validation_message
 
 MIB = 2 ** 20
 GIB = 2 ** 30
@@ -40,7 +39,7 @@ class ServeConfig(BaseModel):
     max_served_bytes: int = Field(10 * GIB, ge=0)  # format=uri output kept under <root>/served/ (all requests and
     max_served_models: int = Field(10_000, ge=0)   # replicas), in bytes and in checkpoints (each check lists them);
                                                    # past either, 507 quota_exceeded; 0 turns format=uri off
-    default_solver: Optional[Literal["euler", "midpoint", "rk4", "dopri5"]] = None   # None: the run's sampler
+    default_solver: Optional[Literal[SOLVERS]] = None   # None: the run's sampler
     default_steps: Optional[int] = Field(None, ge=1)                                # (config.json "sample")
     max_steps: int = Field(1000, ge=1)
     max_temperature: float = Field(10.0, gt=0)
@@ -85,17 +84,11 @@ class ServeConfig(BaseModel):
     def with_overrides(self, overrides: list[str]) -> "ServeConfig":
         """Apply ``key=value`` overrides (values parsed as JSON, else kept as strings); a bad key or value is a
         ValueError naming it."""
-        values = {}
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} is not of the form key=value")
+        values = parse_overrides(overrides)
+        for key, value in values.items():
             if key not in type(self).model_fields:
-                raise ValueError(f"override {item!r}: unknown key {key!r}; known: {sorted(type(self).model_fields)}")
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                values[key] = raw
+                raise ValueError(f"override {key}={value!r}: unknown key {key!r}; known: "
+                                 f"{sorted(type(self).model_fields)}")
         data = self.model_dump(exclude_unset=True) | values
         try:
             return type(self).model_validate(data)

@@ -20,11 +20,13 @@ import numpy as np
 from ray import serve
 
 from dwf_ray import store
+from dwf_ray.config import SOLVERS
+from dwf_ray.sample.generator import RequestError
 from dwf_ray.serve.auth import BearerAuth
 from dwf_ray.serve.config import ServeConfig
 from dwf_ray.serve.errors import ApiError, error_response, quota_error, validation_error
 from dwf_ray.serve.quota import QuotaExceeded, ServedQuota, Usage, uri_bytes_bound
-from dwf_ray.serve.wire import CHUNK_BYTES, SOLVERS, SampleRequest, encode_header, max_models, stream_safetensors
+from dwf_ray.serve.wire import CHUNK_BYTES, SampleRequest, encode_header, max_models, stream_safetensors
 
 SERVED = "served"                   # format=uri writes under <root>/served/<request id>/
 OCTET = "application/octet-stream"
@@ -149,22 +151,16 @@ class SampleService:
                            "temperature")
         if req.guidance is not None and abs(req.guidance) > c.max_abs_guidance:
             raise ApiError(422, f"guidance: |{req.guidance}| is above the limit of {c.max_abs_guidance}", "guidance")
-        if self.gen.conditional:
-            k = len(self.gen.decoders)
-            if req.label is None or req.label >= k:
-                got = "none given" if req.label is None else f"got {req.label}"
-                raise ApiError(422, f"label: this conditional flow needs a label in 0..{k - 1} "
-                                    f"({', '.join(self.gen.class_names)}); {got}", "label")
-        else:
-            if req.label is not None:
-                raise ApiError(422, "label: this flow is unconditional; leave label out", "label")
-            if req.guidance is not None and req.guidance != 1.0:
-                raise ApiError(422, "guidance: needs a conditional flow (and a label)", "guidance")
         d = self.defaults
+        guidance = d["guidance"] if req.guidance is None else req.guidance
+        try:
+            self.gen.check_request(req.label, guidance)
+        except RequestError as exc:
+            raise ApiError(422, str(exc), exc.field) from None
         return SampleCall(n=req.n, seed=secrets.randbits(63) if req.seed is None else req.seed,
-                   temperature=d["temperature"] if req.temperature is None else req.temperature,
-                   solver=req.solver or d["solver"], steps=req.steps or d["steps"], label=req.label,
-                   guidance=d["guidance"] if req.guidance is None else req.guidance)
+                          temperature=d["temperature"] if req.temperature is None else req.temperature,
+                          solver=req.solver or d["solver"], steps=req.steps or d["steps"], label=req.label,
+                          guidance=guidance)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _batched(self, calls: list[SampleCall]) -> list:

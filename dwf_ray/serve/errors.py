@@ -1,8 +1,8 @@
 """How the service refuses a request: one ApiError type and its JSON answer (status, field, message, code)."""
 from typing import Optional
 
+from dwf_ray.config import SOLVERS
 from dwf_ray.serve.quota import QuotaExceeded
-from dwf_ray.serve.wire import SOLVERS
 
 
 class ApiError(Exception):

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from typing import Iterator, Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
+from dwf_ray.config import SOLVERS
+from dwf_ray.safetensors_header import MAX_HEADER_BYTES, encode_header as encode_safetensors_header, read_metadata
+
 MAX_SEED = 2 ** 63 - 1
-MAX_HEADER_BYTES = 100_000_000     # safetensors readers refuse larger headers
 CHUNK_BYTES = 1 << 20
 
 
@@ -61,9 +61,7 @@ def encode_header(entries: list[tuple[str, tuple[int, ...], int]], n: int, d: in
             start = base + 4 * offset
             header[f"{i}.{name}"] = {"dtype": "F32", "shape": list(shape),
                                      "data_offsets": [start, start + 4 * math.prod(shape)]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return encode_safetensors_header(header, compact=True)
 
 
 def stream_safetensors(header: bytes, flat: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -72,11 +70,6 @@ def stream_safetensors(header: bytes, flat: np.ndarray, chunk_bytes: int = CHUNK
     buf = memoryview(np.ascontiguousarray(flat, dtype="<f4")).cast("B")
     for start in range(0, len(buf), chunk_bytes):
         yield bytes(buf[start:start + chunk_bytes])
-
-
-def read_metadata(data: bytes) -> dict[str, str]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
 
 
 def split_models(data: bytes) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
