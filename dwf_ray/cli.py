@@ -149,7 +149,7 @@ def _import_model_zoo(source: str, arch: Optional[str], dataset: Optional[str], 
     if dataset == "zoo" and not any(o.startswith("zoo.data_root=") for o in overrides):
         extra.append(f"zoo.data_root={json.dumps(source)}")
     pipe = _pipeline(preset, root, name, overrides + extra)
-    pipe.run_stage("zoo", lambda cfg, st: run_modelzoo_import(cfg, st, source, epoch, max_abs_weight))
+    pipe.run_stage("zoo", lambda cfg, run_store: run_modelzoo_import(cfg, run_store, source, epoch, max_abs_weight))
 
 
 app.command("import", hidden=True)(zoo_import)   # the earlier spelling, `dwf import`
@@ -186,10 +186,10 @@ def export(root: str = typer.Option(..., "--root", help="run root whose sample s
     """Write the run's generated models (samples/) in the form their library loads directly (+ manifest.parquet)."""
     from dwf_ray.sample.export import ExportError, export_samples
     try:
-        man = export_samples(root, format_, out, recalibrate=not no_recalibrate)
+        manifest = export_samples(root, format_, out, recalibrate=not no_recalibrate)
     except (ExportError, FileNotFoundError) as exc:
         fail(str(exc))
-    typer.echo(f"exported {len(man)} models as {format_} to {out}; load one with: {man['loads_with'].iloc[0]}")
+    typer.echo(f"exported {len(manifest)} models as {format_} to {out}; load one with: {manifest['loads_with'].iloc[0]}")
 
 
 @app.command()
@@ -211,10 +211,10 @@ def sample(preset: Optional[str] = _PRESET, root: Optional[str] = _ROOT, name: O
     if not out:
         fail("--endpoint needs --out DIR")
     try:
-        man = write_from_endpoint(endpoint, out, n, seed, temperature, read_token(token_file))
+        manifest = write_from_endpoint(endpoint, out, n, seed, temperature, read_token(token_file))
     except (SampleError, ValueError) as exc:
         fail(str(exc))
-    typer.echo(f"wrote {len(man)} models from {endpoint} to {out}")
+    typer.echo(f"wrote {len(manifest)} models from {endpoint} to {out}")
 
 
 @app.command()

@@ -24,15 +24,15 @@ from dwf_ray.config import FlowConfig, RunConfig, SampleConfig
 from dwf_ray.eval.baselines import baseline_sets
 from dwf_ray.eval.diversity import zoo_nn_median
 from dwf_ray.eval.metrics import NOVELTY
-from dwf_ray.eval.report import summary
-from dwf_ray.eval.tradeoff import GENERATOR
 from dwf_ray.eval.judge import ScoredSet, ZooJudge, judge_sets
+from dwf_ray.eval.report import summary, write_report_files
+from dwf_ray.eval.tradeoff import GENERATOR
 from dwf_ray.flow.checkpoint import LatentScaler
 from dwf_ray.flow.train import train_flow
 from dwf_ray.pca.model import PCAModel
 from dwf_ray.runtime import ensure_ray
 from dwf_ray.sample.generator import Generator
-from dwf_ray.store import STAGE_FOLDERS, RunStore
+from dwf_ray.store import CONFIG, STAGE_FOLDERS, RunStore
 from dwf_ray.weights import WeightLayout, load_flat_models
 
 
@@ -67,7 +67,7 @@ class ConditionalConfig(BaseModel):
 class ZooClass:
     """One class: its run root, config, PCA and latents."""
     name: str
-    st: RunStore
+    run_store: RunStore
     cfg: RunConfig
     pca: PCAModel
     z: np.ndarray
@@ -78,16 +78,16 @@ class ZooClass:
 
     @classmethod
     def load(cls, name: str, root: str) -> "ZooClass":
-        st = RunStore(root)
-        if not store.exists(st.uri("config.json")):
-            raise ValueError(f"{st.root}: no config.json in this run root")
+        run_store = RunStore(root)
+        if not store.exists(run_store.uri(CONFIG)):
+            raise ValueError(f"{run_store.root}: no config.json in this run root")
         for stage in ("canon", "pca"):
-            if not st.done(STAGE_FOLDERS[stage]):
-                raise ValueError(f"{st.root}: the {stage} stage is not complete; run `dwf run` or "
+            if not run_store.done(STAGE_FOLDERS[stage]):
+                raise ValueError(f"{run_store.root}: the {stage} stage is not complete; run `dwf run` or "
                                  f"`dwf {stage}` on it first")
-        cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))
-        pca_dir = st.uri("pca")
-        return cls(name, st, cfg, PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir))
+        cfg = run_store.saved_config(RunConfig)
+        pca_dir = run_store.uri("pca")
+        return cls(name, run_store, cfg, PCAModel.load(pca_dir), PCAModel.load_latents(pca_dir))
 
 
 def _w_key(w: float) -> str:
@@ -102,7 +102,7 @@ def train_conditional(classes: list[ZooClass], cfg: ConditionalConfig, out: RunS
     labels = np.concatenate([np.full(len(c.z), i) for i, c in enumerate(classes)])
     info = train_flow(u, cfg.flow.model_copy(update={"scaling": "none"}), out.uri("flow"), labels=labels)
     store.write_json(out.uri("flow", "classes.json"), {"k": k, "classes": [
-        {"name": c.name, "root": c.st.root, "n": len(c.z), "mean": s.mean.tolist(), "scale": s.scale.tolist()}
+        {"name": c.name, "root": c.run_store.root, "n": len(c.z), "mean": s.mean.tolist(), "scale": s.scale.tolist()}
         for c, s in zip(classes, scalers)]})
     return {key: v for key, v in info.items() if key != "history"} | {"k": k}
 
@@ -110,13 +110,13 @@ def train_conditional(classes: list[ZooClass], cfg: ConditionalConfig, out: RunS
 def evaluate_class(c: ZooClass, generated: dict[str, np.ndarray], baselines: bool) -> dict:
     """Accuracy, functional novelty and the margin over the best baseline of each generated set against the
     class's own zoo."""
-    _, zoo = load_canonical(c.cfg, c.st)
-    ec = c.cfg.eval
+    _, zoo = load_canonical(c.cfg, c.run_store)
+    eval_cfg = c.cfg.eval
     sets = [ScoredSet(key, GENERATOR, key, lambda zoo, flat=flat: flat, len(flat))
             for key, flat in generated.items()]
     if baselines:
-        sets += [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
-                 for b in baseline_sets(len(zoo), WeightLayout.from_arch(c.arch), ec, zoo_nn_median(zoo))]
+        sets += [ScoredSet(b.key, b.method, b.setting, b.build, eval_cfg.n_baseline)
+                 for b in baseline_sets(len(zoo), WeightLayout.from_arch(c.arch), eval_cfg, zoo_nn_median(zoo))]
     judge = ZooJudge(c.arch, c.cfg, zoo)
     points, results = judge_sets(judge, sets)
     rows = {p["key"]: {"accuracy": summary(results[p["key"]].acc),
@@ -147,37 +147,35 @@ def run_conditional(cfg: ConditionalConfig, out_root: str, log=print) -> dict:
     """Train, sample every class at every guidance scale, evaluate; stages already complete are skipped."""
     names = cfg.class_names()
     out = RunStore(out_root)
-    cfg_uri = out.uri("config.json")
-    if store.exists(cfg_uri) and ConditionalConfig.model_validate(store.read_json(cfg_uri)) != cfg:
+    saved = out.saved_config(ConditionalConfig)
+    if saved is not None and saved != cfg:
         raise ValueError(f"{out.root} was made with a different conditional config; use another output root")
-    store.write_json(cfg_uri, cfg.model_dump())
+    out.save_config(cfg)
     ensure_ray()
     classes = [ZooClass.load(n, r) for n, r in zip(names, cfg.roots)]
-    if out.done("flow"):
-        log(f"[conditional flow] complete in {out.uri('flow')}: skipped")
-    else:
+    if out.info_if_done("flow", "conditional flow", log) is None:
         log(f"[conditional flow] training on {', '.join(f'{c.name} ({len(c.z)})' for c in classes)}")
         out.mark_done("flow", train_conditional(classes, cfg, out))
     spec = store.read_json(out.uri("flow", "classes.json"))
-    gen, sc = Generator.load(out.root), cfg.sample
+    gen, sampling = Generator.load(out.root), cfg.sample
     metrics = {"k": spec["k"], "flow": out.stage_info("flow"), "classes": {}}
     for label, c in enumerate(classes):
         generated = {}
         for w in cfg.guidance:
             folder = f"samples/{c.name}/{_w_key(w)}"
             if not out.done(folder):
-                flat = gen(sc.n, sc.temperature, sc.seed, sc.solver, sc.steps, label=label, guidance=w)
+                flat = gen(sampling.n, sampling.temperature, sampling.seed, sampling.solver, sampling.steps,
+                           label=label, guidance=w)
                 out.mark_done(folder, {"n": len(gen.write(out.uri(folder), flat, label)), "guidance": w})
             generated[_w_key(w)] = load_flat_models(store.read_table(out.uri(folder, "manifest.parquet"))["uri"],
                                                     c.arch)
         log(f"[conditional eval] {c.name}: scoring {len(generated)} generated sets against its zoo")
         metrics["classes"][c.name] = evaluate_class(c, generated, cfg.baselines)
     table = report_table(metrics)
-    store.write_json(out.uri("report", "metrics.json"), metrics)
-    store.write_bytes(out.uri("report", "report.md"), (
+    write_report_files(out.uri("report"), metrics, (
         f"# Conditional flow over {len(classes)} zoos\n\nOne flow, k = {spec['k']}; guidance "
         f"v = v_uncond + w (v_cond - v_uncond). Functional novelty: median disagreement with the nearest zoo "
         f"model / the zoo's own median; S: max IoU of wrong predictions with a zoo model; baselines interpolated "
-        f"to the same functional novelty.\n\n{table}\n").encode())
+        f"to the same functional novelty.\n\n{table}\n"))
     log("\n" + table)
     return metrics

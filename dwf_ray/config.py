@@ -206,6 +206,11 @@ class RunConfig(_Cfg):
                              f"{self.flow.num_workers} (the batch is split across the workers)")
         return self
 
+    @property
+    def compares_no_canon(self) -> bool:
+        """Whether the report compares against the same run without canonicalization (the no-canon variant)."""
+        return self.eval.compare_no_canon and self.canon.enabled
+
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         """Apply ``section.key=value`` overrides (values parsed as JSON, else kept as strings)."""
         return self.with_values(parse_overrides(overrides, "section.key=value"))

@@ -41,8 +41,8 @@ def _without_canon(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-NO_CANON_VARIANT = Variant(NO_CANON, ("canon", "pca", "flow", "sample"),
-                           applies=lambda cfg: cfg.eval.compare_no_canon and cfg.canon.enabled, config=_without_canon)
+NO_CANON_VARIANT = Variant(NO_CANON, ("canon", "pca", "flow", "sample"), applies=lambda cfg: cfg.compares_no_canon,
+                           config=_without_canon)
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,7 @@ class Pipeline:
         self.store = RunStore(root, zoo_root)
         self.log, self.quiet = log, quiet
         self._lease, self._holds = lease_for(self.store.root), 0
-        cfg_uri = self.store.uri("config.json")
-        saved = RunConfig.model_validate(store.read_json(cfg_uri)) if store.exists(cfg_uri) else None
+        saved = self.store.saved_config(RunConfig)
         if cfg is None:
             if saved is None:
                 raise ValueError(f"{self.store.root}: no config.json in this run root; pass a preset")
@@ -114,7 +113,7 @@ class Pipeline:
                     self.store.clear(stage.folder)
                     for variant in VARIANTS:
                         self.store.clear(f"{variant.folder}/{stage.folder}")
-                store.write_json(cfg_uri, cfg.model_dump())
+                self.store.save_config(cfg)
 
     @contextmanager
     def holding(self):
@@ -138,9 +137,8 @@ class Pipeline:
     def run_stage(self, name: str, function: Callable[[RunConfig, RunStore], dict] | None = None) -> dict:
         """Run one stage (``function`` replaces the table's, e.g. importing a zoo), unless it is complete."""
         stage = _BY_NAME[name]
-        if self.store.done(stage.folder):
-            self.log(f"[{name}] complete in {self.store.uri(stage.folder)}: skipped")
-            return self.store.stage_info(stage.folder)
+        if (info := self.store.info_if_done(stage.folder, name, self.log)) is not None:
+            return info
         with self.holding():
             return self._run_held(stage, function)
 
@@ -210,15 +208,15 @@ class Pipeline:
         """Rows that a stage kept as errors, each with its reason (the manifest has them too)."""
         if not info.get("error"):
             return
-        man = self.store.manifest(name)
-        for _, row in man[man["status"] != "ok"].iterrows():
+        manifest = self.store.manifest(name)
+        for _, row in manifest[manifest["status"] != "ok"].iterrows():
             self.log(f"[{name}] skipped {row['model_id']}: {row['error']}")
-        self.log(f"[{name}] skipped {info['error']} of {len(man)} models "
+        self.log(f"[{name}] skipped {info['error']} of {len(manifest)} models "
                  f"(see {STAGE_FOLDERS[name]}/manifest.parquet)")
 
     def import_zoo(self, source: str) -> dict:
         from dwf_ray.zoo.stage import run_import
-        return self.run_stage("zoo", lambda cfg, st: run_import(cfg, st, source))
+        return self.run_stage("zoo", lambda cfg, run_store: run_import(cfg, run_store, source))
 
     def run_variant(self, variant: Variant) -> "Pipeline":
         """A variant's sub-run under <root>/<variant.folder>, sharing this run's zoo."""

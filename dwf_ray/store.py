@@ -1,4 +1,4 @@
-"""Run roots on local disk or S3: atomic writes, ranged reads, manifests, stage markers."""
+"""Run roots on local disk or S3: the atomic writer, ranged reads, manifests, saved configs, stage markers."""
 from __future__ import annotations
 
 import functools
@@ -211,6 +211,23 @@ class RunStore:
         """Seconds taken by each complete stage of this root (its own stages, not a shared zoo's)."""
         return {s: self.stage_info(f)["seconds"] for s, f in STAGE_FOLDERS.items() if s != "eval" and self.done(f)}
 
+    def saved_config(self, config_type):
+        """The config this run root was made with (its config.json as ``config_type``, a pydantic model), or None
+        when it has none."""
+        uri = self.uri(CONFIG)
+        return config_type.model_validate(read_json(uri)) if exists(uri) else None
+
+    def save_config(self, cfg) -> None:
+        write_json(self.uri(CONFIG), cfg.model_dump())
+
+    def info_if_done(self, stage: str, label: str, log) -> dict | None:
+        """The saved info of a stage already complete in folder ``stage`` (logged as skipped under ``label``);
+        None when it has to run."""
+        if not self.done(stage):
+            return None
+        log(f"[{label}] complete in {self.uri(stage)}: skipped")
+        return self.stage_info(stage)
+
     def done(self, stage: str) -> bool:
         return exists(self.uri(stage, "_SUCCESS"))
 
@@ -239,6 +256,7 @@ def pyarrow_storage(uri: str):
 # Every stage's folder under a run root, in pipeline order (the pipeline maps each to its function).
 STAGE_FOLDERS = {"zoo": "zoo", "canon": "canonical", "pca": "pca", "flow": "flow", "sample": "samples",
                  "eval": "report"}
+CONFIG = "config.json"   # a run root's config, written when the run starts
 NO_CANON = "nocanon"   # the sub-run without canonicalization that the report compares against
 
 

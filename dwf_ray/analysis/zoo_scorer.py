@@ -1,47 +1,49 @@
-"""Scoring sets of flat models of a finished run's canonical zoo in one process, as the report does (for the
-benchmarks that sweep flows and solvers)."""
+"""Scoring sets of flat models of a finished run's canonical zoo as the report does, with eval's own judge (for
+the benchmarks that sweep flows and solvers)."""
 from __future__ import annotations
 
 import numpy as np
 
 from dwf_ray.canon.job import load_canonical
 from dwf_ray.eval.baselines import baseline_sets
-from dwf_ray.eval.diversity import disagreement_nearest, zoo_nn_median
-from dwf_ray.eval.metrics import NOVELTY
+from dwf_ray.eval.diversity import zoo_nn_median
+from dwf_ray.eval.judge import ZooJudge
+from dwf_ray.eval.metrics import NOVELTY, point
 from dwf_ray.eval.tradeoff import baseline_at
-from dwf_ray.eval.scoring import score_flat
 from dwf_ray.pca.model import PCAModel
 from dwf_ray.pipeline import Pipeline
+from dwf_ray.runtime import ensure_ray
 from dwf_ray.weights import WeightLayout
 
 
 class ZooScorer:
-    """Scores sets of flat models against a run root's canonical zoo in this process, as the report does: mean
-    test accuracy and functional novelty, and every baseline (at the run's strengths) at equal novelty."""
+    """Scores sets of flat models against a run root's canonical zoo as the report does (eval's ``ZooJudge``,
+    without the weight-space diagnostic): mean test accuracy and functional novelty, and every baseline (at the
+    run's strengths) at equal novelty."""
 
     def __init__(self, pipe: Pipeline, n_baseline: int = 100):
-        self.arch_json, self.zoo_json = pipe.arch.to_json(), pipe.cfg.zoo.model_dump_json()
+        ensure_ray()
         _, self.zoo = load_canonical(pipe.cfg, pipe.store)
         self.layout = WeightLayout.from_arch(pipe.arch)
-        self.ec = pipe.cfg.eval.model_copy(update={"n_baseline": n_baseline})
-        acc, _, _, self.zoo_preds = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), self.zoo)
-        zoo_d, _ = disagreement_nearest(self.zoo_preds, self.zoo_preds, exclude_self=True)
-        self.unit, self.zoo_acc = float(np.median(zoo_d)), float(acc.mean() * 100)
+        self.eval_cfg = pipe.cfg.eval.model_copy(update={"n_baseline": n_baseline, "weight_novelty": False})
+        self.judge = ZooJudge(pipe.arch, pipe.cfg.model_copy(update={"eval": self.eval_cfg}), self.zoo)
+        zoo = self.judge.result
+        self.unit, self.zoo_acc = float(np.median(zoo.disagreement)), float(zoo.acc.mean() * 100)
         self.direct_unit = zoo_nn_median(self.zoo)
         self._points = None
 
     def __call__(self, flat: np.ndarray) -> tuple[float, float, float]:
         """(mean test accuracy %, functional novelty, spread: the set's own median NN distance in weights over
         the zoo's)."""
-        acc, _, _, preds = score_flat(self.arch_json, self.zoo_json, self.ec.model_dump_json(), flat)
-        d, _ = disagreement_nearest(preds, self.zoo_preds)
-        return float(acc.mean() * 100), float(np.median(d) / self.unit), zoo_nn_median(flat) / self.direct_unit
+        result = self.judge(flat)
+        novelty = point("", "", "", result, self.judge.result)[NOVELTY]
+        return float(result.acc.mean() * 100), novelty, zoo_nn_median(flat) / self.direct_unit
 
     def baselines_at(self, novelty: float) -> dict[str, float]:
         """Each baseline's accuracy % interpolated to functional ``novelty``; measured on first use."""
         if self._points is None:
             self._points = [{"method": b.method, "acc": acc, NOVELTY: nov} for b in
-                            baseline_sets(len(self.zoo), self.layout, self.ec, self.direct_unit)
+                            baseline_sets(len(self.zoo), self.layout, self.eval_cfg, self.direct_unit)
                             for acc, nov, _ in [self(b.build(self.zoo))]]
         methods = dict.fromkeys(p["method"] for p in self._points)
         return {m: baseline_at(self._points, m, novelty) for m in methods}

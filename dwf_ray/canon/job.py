@@ -1,4 +1,5 @@
-"""Stage 2: canonicalize every zoo model onto the reference with Ray Data and an actor pool.
+"""The canon job: every zoo model canonicalized onto the reference with Ray Data and an actor pool (the canon
+stage is ``canon/stage.py``; one model is moved by ``canon/align.py``).
 
 The job streams: the driver holds only manifest rows; each actor reads one checkpoint at a time, matches it
 and writes the result. Every input row gives exactly one output row; a row that fails keeps its error.
@@ -77,7 +78,8 @@ class Canonicalizer:
         if activation_inputs is not None:
             self.by_activations = ActivationMatcher(self.arch, ref, torch.as_tensor(activation_inputs))
 
-    def one(self, row: dict) -> dict:
+    def canonicalize_row(self, row: dict) -> dict:
+        """One usable row: its checkpoint matched onto the reference and written; the result columns."""
         state, _ = load_model_state(row["uri"], self.arch)
         if self.by_activations is not None:
             out, _ = self.by_activations(state)
@@ -106,7 +108,7 @@ class Canonicalizer:
                                       **_NO_RESULT))
             else:
                 try:
-                    rows.append(row | self.one(row))
+                    rows.append(row | self.canonicalize_row(row))
                 except Exception as exc:             # whatever goes wrong with one model stays in its row
                     rows.append(error_row(row, row_error(row["uri"], exc), **_NO_RESULT))
             if one_by_one:
@@ -186,7 +188,7 @@ def canonicalize_manifest(manifest: pd.DataFrame, cfg: CanonConfig, out_dir: str
     return merged.sort_values("model_id").reset_index(drop=True)
 
 
-def load_canonical(cfg: RunConfig, st: RunStore) -> tuple[pd.DataFrame, np.ndarray]:
+def load_canonical(cfg: RunConfig, run_store: RunStore) -> tuple[pd.DataFrame, np.ndarray]:
     """The usable canonical models of a run: (their manifest rows, flat weights (n, d))."""
-    ok = store.ok_rows(st.manifest("canon"))
+    ok = store.ok_rows(run_store.manifest("canon"))
     return ok, load_flat_models(ok["canon_uri"], ArchSpec.parse(cfg.zoo.arch))

@@ -9,11 +9,11 @@ from dwf_ray.store import RunStore
 
 def run_canon(cfg: RunConfig, run_store: RunStore) -> dict:
     """The canon stage: every row of the zoo manifest into canonical/, one output row each."""
-    zoo_man = run_store.manifest("zoo")
-    man = canonicalize_manifest(zoo_man, cfg.canon, run_store.stage_uri("canon"), cfg.zoo)
-    store.write_table(run_store.stage_uri("canon", "manifest.parquet"), man)
-    ok = man[man["status"] == "ok"]
-    info = store.counts(man) | {"rows_in": len(zoo_man), "enabled": cfg.canon.enabled,
+    zoo_manifest = run_store.manifest("zoo")
+    manifest = canonicalize_manifest(zoo_manifest, cfg.canon, run_store.stage_uri("canon"), cfg.zoo)
+    store.write_table(run_store.stage_uri("canon", "manifest.parquet"), manifest)
+    ok = manifest[manifest["status"] == "ok"]
+    info = store.counts(manifest) | {"rows_in": len(zoo_manifest), "enabled": cfg.canon.enabled,
                                 "dist_before_mean": float(ok["dist_before"].mean()),
                                 "dist_after_mean": float(ok["dist_after"].mean())}
     return info

@@ -217,6 +217,26 @@ def _stratified(y: np.ndarray, rng: np.random.Generator, fractions: list[float])
     return [np.concatenate(p) for p in parts]
 
 
+def _model_inputs(kind: str, parts: dict, args: dict, image: bool) -> tuple[dict, tuple, int | None]:
+    """(the splits as model inputs, their shape, the vocabulary size): texts tokenized by the training split's
+    tokenizer (or a given file), images scaled per channel by the training split's statistics, features as
+    they are (digits as 1x8x8 images when ``image``)."""
+    if kind == "text":
+        from dwf_ray.data.text import build_tokenizer, encode, load_tokenizer
+        tok = (load_tokenizer(args["tokenizer"], args["max_len"]) if args.get("tokenizer")
+               else build_tokenizer(parts["train"][0], args["vocab_size"], args["max_len"]))
+        return {k: (encode(tok, t), lab) for k, (t, lab) in parts.items()}, (args["max_len"],), tok.get_vocab_size()
+    if kind == "image":
+        train_x = parts["train"][0]
+        axes = (0, 2, 3)
+        mu = (train_x.mean(axes, dtype=np.float64)[:, None, None] / 255).astype(np.float32)
+        sd = np.maximum(train_x.std(axes, dtype=np.float64)[:, None, None] / 255, 1e-3).astype(np.float32)
+        return ({k: ((xs.astype(np.float32) / 255 - mu) / sd, lab) for k, (xs, lab) in parts.items()},
+                tuple(train_x.shape[1:]), None)
+    shape = (1, 8, 8) if image else tuple(parts["train"][0].shape[1:])
+    return {k: (xs.reshape(-1, *shape), lab) for k, (xs, lab) in parts.items()}, shape, None
+
+
 @lru_cache(maxsize=8)
 def load_dataset(name: str, split_seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
                  image: bool = False, classes: tuple[int, ...] | None = None, data_root: str | None = None,
@@ -260,23 +280,7 @@ def load_dataset(name: str, split_seed: int = 0, val_fraction: float = 0.2, test
             raise ValueError(f"dataset {name!r}: the {key} split is empty ({len(y)} examples to split; "
                              f"val_fraction {args.get('val_fraction', val_fraction)})")
     n_classes = len(classes) if classes is not None else int(max(int(p[1].max()) for p in parts.values())) + 1
-    vocab_size = None
-    if kind == "text":
-        from dwf_ray.data.text import build_tokenizer, encode, load_tokenizer
-        tok = (load_tokenizer(args["tokenizer"], args["max_len"]) if args.get("tokenizer")
-               else build_tokenizer(parts["train"][0], args["vocab_size"], args["max_len"]))
-        parts = {k: (encode(tok, t), lab) for k, (t, lab) in parts.items()}
-        shape, vocab_size = (args["max_len"],), tok.get_vocab_size()
-    elif kind == "image":
-        train_x = parts["train"][0]
-        axes = (0, 2, 3)
-        mu = (train_x.mean(axes, dtype=np.float64)[:, None, None] / 255).astype(np.float32)
-        sd = np.maximum(train_x.std(axes, dtype=np.float64)[:, None, None] / 255, 1e-3).astype(np.float32)
-        parts = {k: ((xs.astype(np.float32) / 255 - mu) / sd, lab) for k, (xs, lab) in parts.items()}
-        shape = tuple(train_x.shape[1:])
-    else:
-        shape = (1, 8, 8) if image else tuple(x.shape[1:])
-        parts = {k: (xs.reshape(-1, *shape), lab) for k, (xs, lab) in parts.items()}
+    parts, shape, vocab_size = _model_inputs(kind, parts, args, image)
 
     def split(key: str) -> Split:
         xs, ys = parts[key]

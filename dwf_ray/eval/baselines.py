@@ -70,21 +70,21 @@ class BaselineSet:
     build: Callable[[np.ndarray], np.ndarray]   # the zoo -> the flat models, built when the set is scored
 
 
-def baseline_sets(n_models: int, layout: WeightLayout, ec: EvalConfig, zoo_median: float) -> Iterator[BaselineSet]:
+def baseline_sets(n_models: int, layout: WeightLayout, eval_cfg: EvalConfig, zoo_median: float) -> Iterator[BaselineSet]:
     """Every baseline at every configured strength for a zoo of ``n_models``; each set is built from the zoo
     only when it is scored (in a Ray task by the eval stage: the driver never holds a set)."""
-    n, seed = ec.n_baseline, ec.seed
-    for lvl in ec.noise_levels:
+    n, seed = eval_cfg.n_baseline, eval_cfg.seed
+    for lvl in eval_cfg.noise_levels:
         yield BaselineSet(f"noise_{lvl:g}", "noise", f"{lvl:g} x NN dist",
                           lambda zoo, lvl=lvl: noise_baseline(zoo, lvl, zoo_median, n, seed))
-    for sigma in ec.layer_noise_levels:
+    for sigma in eval_cfg.layer_noise_levels:
         yield BaselineSet(f"layer_noise_{sigma:g}", "layer noise", f"{sigma:g} x layer RMS",
                           lambda zoo, sigma=sigma: layer_noise_baseline(zoo, layout, sigma, n, seed))
-    for k in sorted({min(k, n_models) for k in ec.average_ks}):
+    for k in sorted({min(k, n_models) for k in eval_cfg.average_ks}):
         yield BaselineSet(f"average_{k}", "average", f"k={k}", lambda zoo, k=k: average_baseline(zoo, k, n, seed))
-    for w in ec.mix_weights:
+    for w in eval_cfg.mix_weights:
         yield BaselineSet(f"mix_{w:g}", "interpolation", f"w={w:g}",
                           lambda zoo, w=w: interpolation_baseline(zoo, w, n, seed))
-    for scale in ec.gaussian_scales:
+    for scale in eval_cfg.gaussian_scales:
         yield BaselineSet(f"gaussian_{scale:g}", "gaussian", f"{scale:g} x zoo std",
                           lambda zoo, scale=scale: gaussian_baseline(zoo, scale, n, seed))

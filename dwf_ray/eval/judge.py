@@ -105,14 +105,14 @@ class ZooJudge:
 
     def __init__(self, arch: ArchSpec, cfg: RunConfig, zoo, bar=None):
         self.arch, self.cfg, self.bar = arch, cfg, bar
-        ec = cfg.eval
-        self.args = (arch.to_json(), cfg.zoo.model_dump_json(), ec.model_dump_json())
+        eval_cfg = cfg.eval
+        self.args = (arch.to_json(), cfg.zoo.model_dump_json(), eval_cfg.model_dump_json())
         self.zoo_ref, self.n_zoo = stored(zoo)
         ranges = self._ranges(self.n_zoo)
         accs, outputs = self._submit_scores(self.zoo_ref, ranges)
-        per_block = max(1, ec.nn_block // (ranges[0][1] - ranges[0][0]))
+        per_block = max(1, eval_cfg.nn_block // (ranges[0][1] - ranges[0][0]))
         self.blocks = [(ranges[i][0], outputs[i:i + per_block]) for i in range(0, len(ranges), per_block)]
-        self.sample = sample_rows(self.n_zoo, ec.zoo_sample, ec.seed)
+        self.sample = sample_rows(self.n_zoo, eval_cfg.zoo_sample, eval_cfg.seed)
         sample_flat, sample_outputs = self._sampled(outputs, ranges)
         nn = self._submit_nearest(sample_outputs, sample_flat, self.sample)
         self.result = self._finish(self._gather_acc(accs, ranges), nn, sample_flat)
@@ -153,10 +153,10 @@ class ZooJudge:
         d, nearest_idx, s = merge_blocks([f[:3] for f in found])
         weight_dist = None
         if self.cfg.eval.weight_novelty:
-            ec = self.cfg.eval
-            cands = np.concatenate([merge_k([f[3][space] for f in found], ec.nn_candidates)[1] for space in (0, 1)],
+            eval_cfg = self.cfg.eval
+            cands = np.concatenate([merge_k([f[3][space] for f in found], eval_cfg.nn_candidates)[1] for space in (0, 1)],
                                    axis=1)
-            task = ray.remote(_match_rows).options(num_gpus=ec.num_gpus)
+            task = ray.remote(_match_rows).options(num_gpus=eval_cfg.num_gpus)
             ranges = self._ranges(len(d))
             parts = wait_with_progress([task.remote(self.arch.to_json(), self.zoo_ref, flat_ref, cands, a, b,
                                                     self.cfg.canon.residual) for a, b in ranges],

@@ -104,33 +104,39 @@ def plot_tradeoff(points: list[dict], zoo: dict, zoo_std: float, axis: str = NOV
 
 def summary_text(metrics: dict, report_uri: str, total: float | None = None) -> str:
     """The accuracy and trade-off tables and the verdict, as printed at the end of a run."""
-    op = metrics["operating_point"]
+    operating = metrics["operating_point"]
     return ("\n" + accuracy_table(metrics["accuracy"]) + "\n\n" + tradeoff_table(metrics["tradeoff"], metrics["zoo"]) +
-            f"\n\nfunctional novelty {op[NOVELTY]:.3f}; margin {op['margin']:+.2f} (SE {op['margin_se']:.2f}) over "
-            f"{op['best_baseline']}; accepted: {op['accepted']}; report: {report_uri}" +
+            f"\n\nfunctional novelty {operating[NOVELTY]:.3f}; margin {operating['margin']:+.2f} "
+            f"(SE {operating['margin_se']:.2f}) over "
+            f"{operating['best_baseline']}; accepted: {operating['accepted']}; report: {report_uri}" +
             (f"; total {total:.1f} s" if total else ""))
+
+
+def write_report_files(report_dir: str, metrics: dict, markdown: str) -> None:
+    """A report folder's metrics.json and report.md (the eval stage's and a conditional run's)."""
+    store.write_json(store.join(report_dir, "metrics.json"), metrics)
+    store.write_bytes(store.join(report_dir, "report.md"), markdown.encode())
 
 
 def write_report(report_dir: str, metrics: dict, zoo_acc: np.ndarray, gen_acc: np.ndarray) -> str:
     """Writes metrics.json, accuracy.png, tradeoff.png (functional novelty), tradeoff_weight.png (weight-space
     diagnostic, when measured) and report.md; returns the markdown."""
-    op, zoo_std = metrics["operating_point"], metrics["accuracy"]["zoo"]["std"]
-    store.write_json(store.join(report_dir, "metrics.json"), metrics)
+    operating, zoo_std = metrics["operating_point"], metrics["accuracy"]["zoo"]["std"]
     store.write_bytes(store.join(report_dir, "accuracy.png"), plot_histogram(zoo_acc, gen_acc))
     store.write_bytes(store.join(report_dir, "tradeoff.png"),
-                      plot_tradeoff(metrics["tradeoff"], metrics["zoo"], zoo_std, NOVELTY, op["min_novelty"]))
+                      plot_tradeoff(metrics["tradeoff"], metrics["zoo"], zoo_std, NOVELTY, operating["min_novelty"]))
     weight_plot = ""
     if metrics["zoo"].get("weight_novelty") is not None:
         store.write_bytes(store.join(report_dir, "tradeoff_weight.png"),
                           plot_tradeoff(metrics["tradeoff"], metrics["zoo"], zoo_std, "weight_novelty"))
         weight_plot = "\n\nDiagnostic, in weight space up to permutation:\n\n![weight-space trade-off](tradeoff_weight.png)"
-    verdict = "PASS" if op["accepted"] else "FAIL"
+    verdict = "PASS" if operating["accepted"] else "FAIL"
     timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in metrics.get("timings", {}).items())
     model = metrics.get("model")
     model_line = (f"Models: `{model['family']}` ({model['n_params']:,} parameters) on `{model['dataset']}`.\n"
                   if model else "")
     glossary = "\n".join(f"- **{m.label}**: {m.about}" for m in METRICS)
-    baselines = ", ".join(f"{k} {v:.2f} %" for k, v in (op.get("baselines_at") or {}).items())
+    baselines = ", ".join(f"{k} {v:.2f} %" for k, v in (operating.get("baselines_at") or {}).items())
     ref = metrics.get("diversity", {}).get("zoo_reference")
     reference = ref["how"] if ref else "each zoo model against the rest of the zoo"
     md = f"""# dwf-ray report: {metrics['preset']}
@@ -156,11 +162,11 @@ zoo's own values (its row, the unit of novelty) come from {reference}.
 
 ![trade-off](tradeoff.png){weight_plot}
 
-Operating point ({op['setting']}): accuracy {op['acc']:.2f} % at functional novelty {op[NOVELTY]:.3f}; the
-baselines at that novelty: {baselines}; margin over the best ({op['best_baseline']}) {op['margin']:+.2f} points
-(standard error {op['margin_se']:.2f}). Accepted (functional novelty >= {op['min_novelty']:g} and a margin of
-more than one standard error): **{verdict}**. Gap to the zoo mean: {op['gap_to_zoo']:.2f} points. Generator
-settings that pass: {', '.join(op.get('passing_settings') or []) or 'none'}.
+Operating point ({operating['setting']}): accuracy {operating['acc']:.2f} % at functional novelty {operating[NOVELTY]:.3f}; the
+baselines at that novelty: {baselines}; margin over the best ({operating['best_baseline']}) {operating['margin']:+.2f} points
+(standard error {operating['margin_se']:.2f}). Accepted (functional novelty >= {operating['min_novelty']:g} and a margin of
+more than one standard error): **{verdict}**. Gap to the zoo mean: {operating['gap_to_zoo']:.2f} points. Generator
+settings that pass: {', '.join(operating.get('passing_settings') or []) or 'none'}.
 
 ## Stage times (seconds)
 
@@ -168,5 +174,5 @@ settings that pass: {', '.join(op.get('passing_settings') or []) or 'none'}.
 |---|---|
 {timings}
 """
-    store.write_bytes(store.join(report_dir, "report.md"), md.encode())
+    write_report_files(report_dir, metrics, md)
     return md

@@ -22,7 +22,7 @@ def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, 
     """
     torch.set_num_threads(1)
     arch = ArchSpec.from_json(arch_json)
-    zc, ec = ZooConfig.model_validate_json(zoo_json), EvalConfig.model_validate_json(eval_json)
+    zc, eval_cfg = ZooConfig.model_validate_json(zoo_json), EvalConfig.model_validate_json(eval_json)
     data, dev = dataset_for(zc), task_device()
     train, test = (Split(s.x.to(dev), s.y.to(dev)) for s in (data.train, data.test))
     val_x = data.val.x[:val_logits].to(dev)
@@ -31,7 +31,7 @@ def score_flat(arch_json: str, zoo_json: str, eval_json: str, flat: np.ndarray, 
     model = build_model(arch).to(dev)        # built once: each model's parameters are loaded into it
     for vec in flat:
         model.load_state_dict(state_to_torch(layout.unflatten(vec)), strict=False)
-        recalibrate_batchnorm(model, train, ec.bn_recal_batches, seed=ec.seed)
+        recalibrate_batchnorm(model, train, eval_cfg.bn_recal_batches, seed=eval_cfg.seed)
         pred = predict(model, test)
         miss = (pred != test.y).cpu().numpy()
         accs.append(1.0 - miss.mean())

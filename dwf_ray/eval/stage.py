@@ -33,22 +33,22 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo, generated: list[ScoredSet],
     ``generated``: the sample sets, the configured temperature first; ``extra``: further generator sets (the
     no-canon variant). All flat weights are in canonical space."""
     from tqdm.auto import tqdm
-    ec = cfg.eval
+    eval_cfg = cfg.eval
     layout = WeightLayout.from_arch(arch)
     zoo, n_zoo = stored(zoo)
-    sample = sample_rows(n_zoo, ec.zoo_sample, ec.seed)    # the zoo models its reference statistics come from
+    sample = sample_rows(n_zoo, eval_cfg.zoo_sample, eval_cfg.seed)    # the zoo models its reference statistics come from
     # direct distance (the noise baseline's scale), over the same sample
     zoo_median = ray.get(ray.remote(zoo_nn_median).remote(zoo, None if len(sample) == n_zoo else sample))
-    baselines = [ScoredSet(b.key, b.method, b.setting, b.build, ec.n_baseline)
-                 for b in baseline_sets(n_zoo, layout, ec, zoo_median)]
+    baselines = [ScoredSet(b.key, b.method, b.setting, b.build, eval_cfg.n_baseline)
+                 for b in baseline_sets(n_zoo, layout, eval_cfg, zoo_median)]
     sets = [*generated, *baselines, *extra]
     set_models = sum(s.size for s in sets)
-    total = n_zoo + set_models + (len(sample) + set_models if ec.weight_novelty else 0)   # scored, then matched
+    total = n_zoo + set_models + (len(sample) + set_models if eval_cfg.weight_novelty else 0)   # scored, then matched
     with tqdm(total=total, desc="eval", unit="model") as bar:
         judge = ZooJudge(arch, cfg, zoo, bar)
         points, results = judge_sets(judge, sets)
     main = generated[0].key
-    op = next(p for p in points if p["key"] == main)
+    operating = next(p for p in points if p["key"] == main)
     zoo_r = judge.result
     accuracy = {"zoo": summary(zoo_r.acc)} | {s.key: summary(results[s.key].acc) for s in [*generated, *extra]}
     gen_nn_median = ray.get(ray.remote(_built_nn_median).remote(generated[0].build, zoo))
@@ -60,19 +60,19 @@ def evaluate(cfg: RunConfig, arch: ArchSpec, zoo, generated: list[ScoredSet],
         "tradeoff": points,
         "model_accuracy": {"zoo": [round(float(a) * 100, 4) for a in zoo_r.acc]} |
                           {key: [round(float(a) * 100, 4) for a in r.acc] for key, r in results.items()},
-        "diversity": {"zoo_reference": zoo_reference(len(sample), n_zoo, ec.seed),
+        "diversity": {"zoo_reference": zoo_reference(len(sample), n_zoo, eval_cfg.seed),
                       "zoo_median_disagreement": float(np.median(zoo_r.disagreement)),
                       "zoo_nn_median_direct": zoo_median,
                       "zoo_nn_median_matched": None if zoo_r.weight_dist is None else float(np.median(zoo_r.weight_dist)),
                       # spread of the generated set itself (its own median NN distance over the zoo's, direct)
                       "generated_self_nn_ratio": gen_nn_median / zoo_median},
-        "operating_point": {**{k: op.get(k) for k in ("setting", "acc", "se", NOVELTY, "similarity", "weight_novelty",
+        "operating_point": {**{k: operating.get(k) for k in ("setting", "acc", "se", NOVELTY, "similarity", "weight_novelty",
                                                        "baselines_at", "best_baseline", "margin", "margin_se")},
-                            "temperature": cfg.sample.temperature, "min_novelty": ec.accept_novelty,
-                            "gap_to_zoo": accuracy["zoo"]["mean"] - op["acc"],
-                            "accepted": accepted(op, ec.accept_novelty),
+                            "temperature": cfg.sample.temperature, "min_novelty": eval_cfg.accept_novelty,
+                            "gap_to_zoo": accuracy["zoo"]["mean"] - operating["acc"],
+                            "accepted": accepted(operating, eval_cfg.accept_novelty),
                             "passing_settings": [p["setting"] for p in points
-                                                 if p["method"] == GENERATOR and accepted(p, ec.accept_novelty)]},
+                                                 if p["method"] == GENERATOR and accepted(p, eval_cfg.accept_novelty)]},
     }
     return metrics, {"zoo": zoo_r.acc, "generated": results[main].acc}
 
@@ -100,7 +100,7 @@ def run_eval(cfg: RunConfig, run_store: RunStore) -> dict:
                  for folder, (temp, _) in sample_sets(cfg).items()]
     sub = RunStore(run_store.uri(NO_CANON), zoo_root=run_store.zoo_root)
     extra = []
-    if cfg.eval.compare_no_canon and cfg.canon.enabled and sub.done(STAGE_FOLDERS["sample"]):
+    if cfg.compares_no_canon and sub.done(STAGE_FOLDERS["sample"]):
         ref_index = list(ok["model_id"]).index(ok["reference_id"].iloc[0])
         raw = _from_manifest(sub.stage_uri("sample", "manifest.parquet"), arch)
 
@@ -113,8 +113,9 @@ def run_eval(cfg: RunConfig, run_store: RunStore) -> dict:
     metrics["timings"] = run_store.stage_seconds()
     if extra:
         metrics["timings"].update({f"{k} (no canon)": v for k, v in sub.stage_seconds().items()})
-    metrics["counts"] = {s: run_store.stage_info(STAGE_FOLDERS[s]) for s in ("zoo", "canon", "pca") if run_store.done(STAGE_FOLDERS[s])}
+    metrics["counts"] = {s: run_store.stage_info(STAGE_FOLDERS[s]) for s in ("zoo", "canon", "pca")
+                         if run_store.done(STAGE_FOLDERS[s])}
     write_report(run_store.uri("report"), metrics, accs["zoo"], accs["generated"])
-    op = metrics["operating_point"]
-    return {"zoo_acc": metrics["accuracy"]["zoo"]["mean"], "gen_acc": op["acc"], "novelty": op[NOVELTY],
-            "margin": op["margin"], "accepted": op["accepted"]}
+    operating = metrics["operating_point"]
+    return {"zoo_acc": metrics["accuracy"]["zoo"]["mean"], "gen_acc": operating["acc"], "novelty": operating[NOVELTY],
+            "margin": operating["margin"], "accepted": operating["accepted"]}

@@ -62,8 +62,8 @@ def load_flow(uri: str) -> tuple[VelocityMLP, LatentScaler, FlowConfig]:
         raw = store.read_bytes(uri)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{uri}: no flow checkpoint; run the flow stage first") from exc
-    st = torch_load_data(raw, uri)
-    cfg = FlowConfig.model_validate(st["config"])
-    net = build_velocity_net(cfg, st["dim"], st.get("n_classes", 0))
-    net.load_state_dict(st["ema"])
-    return net.eval(), LatentScaler(**st["scaler"]), cfg
+    saved = torch_load_data(raw, uri)
+    cfg = FlowConfig.model_validate(saved["config"])
+    net = build_velocity_net(cfg, saved["dim"], saved.get("n_classes", 0))
+    net.load_state_dict(saved["ema"])
+    return net.eval(), LatentScaler(**saved["scaler"]), cfg

@@ -44,9 +44,9 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            st = torch.load(os.path.join(d, "flow.pt"), map_location=trainer.device, weights_only=True)
-        trainer.load_state_dict(st)
-        start, history, resumed_at = st["step"], st["history"], st.get("resumed_at", []) + [st["step"]]
+            saved = torch.load(os.path.join(d, "flow.pt"), map_location=trainer.device, weights_only=True)
+        trainer.load_state_dict(saved)
+        start, history, resumed_at = saved["step"], saved["history"], saved.get("resumed_at", []) + [saved["step"]]
         if rank == 0:
             print(f"flow: resuming from the checkpoint of step {start}", flush=True)
     g = noise_generator(cfg.seed, rank, start)
@@ -120,12 +120,12 @@ def train_flow(z: np.ndarray, cfg: FlowConfig, out_dir: str, run_name: str = "fl
             best_ckpt = ckpt
     best_metrics = choice.metrics
     with best_ckpt.as_directory() as d:
-        st = torch.load(os.path.join(d, "flow.pt"), map_location="cpu", weights_only=True)
+        saved = torch.load(os.path.join(d, "flow.pt"), map_location="cpu", weights_only=True)
     with result.checkpoint.as_directory() as d:
         last = torch.load(os.path.join(d, "flow.pt"), map_location="cpu", weights_only=True)
     held_out = not np.array_equal(train, hold)
     info = {"best_step": int(best_metrics["step"]), "best_heldout_loss": float(best_metrics["heldout_loss"]),
             "history": last["history"], "resumed_at": last["resumed_at"], "n_train": len(train),
             "n_holdout": len(hold) if held_out else 0, "n_classes": n_classes}
-    save_flow(store.join(out_dir, "model.pt"), st["ema"], cfg, scaler, z.shape[1], info, n_classes)
+    save_flow(store.join(out_dir, "model.pt"), saved["ema"], cfg, scaler, z.shape[1], info, n_classes)
     return info

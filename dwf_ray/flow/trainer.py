@@ -1,4 +1,5 @@
-"""One flow-matching optimiser (velocity net, EMA, AdamW and schedule), checkpoint selection rules, and a
+"""One flow-matching optimiser (velocity net, EMA, AdamW and schedule on the path and loss of ``path.py`` and
+``loss.py``), the checkpoint choice (``CheckpointChoice``, the one rule of both training runs), and a
 single-process training run for benchmarks and tests."""
 from __future__ import annotations
 
@@ -79,11 +80,11 @@ class FlowTrainer:
         return {"model": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict()}
 
-    def load_state_dict(self, st: dict) -> None:
-        self.net.load_state_dict(st["model"])
-        self.ema.load_state_dict(st["ema"])
-        self.opt.load_state_dict(st["opt"])
-        self.sched.load_state_dict(st["sched"])
+    def load_state_dict(self, saved: dict) -> None:
+        self.net.load_state_dict(saved["model"])
+        self.ema.load_state_dict(saved["ema"])
+        self.opt.load_state_dict(saved["opt"])
+        self.sched.load_state_dict(saved["sched"])
 
 
 def selectable(cfg: FlowConfig, step: int) -> bool:

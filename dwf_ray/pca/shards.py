@@ -42,7 +42,7 @@ def choose_side(n: int, d: int, side: str = "auto") -> str:
 def check_fits(n: int, d: int, cfg: PCAConfig) -> None:
     """Before any work: a zoo of n models of d parameters fits the PCA's memory budget on the side it would use
     (a ValueError naming pca.memory_budget_bytes otherwise)."""
-    engine = _check(cfg)
+    engine = _checked_engine(cfg)
     if choose_side(n, d, cfg.side) == "gram":
         columns = max(b - a for a, b in shard_ranges(d, cfg.n_shards))
         plan_blocks(n, columns, cfg.memory_budget_bytes, cfg.compute_dtype, engine)
@@ -51,7 +51,9 @@ def check_fits(n: int, d: int, cfg: PCAConfig) -> None:
         plan_rows(rows, d, cfg.memory_budget_bytes, cfg.compute_dtype, engine)
 
 
-def _check(cfg: PCAConfig) -> str:
+def _checked_engine(cfg: PCAConfig) -> str:
+    """The engine the PCA runs on, once its input dtype is known to work with it (a ValueError naming the keys
+    otherwise)."""
     engine = cfg.resolved_engine()
     if cfg.input_dtype != "float32" and (engine != "torch" or cfg.compute_dtype != "float32"):
         raise ValueError(f"pca.input_dtype={cfg.input_dtype} needs the torch engine (engine=torch, or auto with "
@@ -173,7 +175,7 @@ def fit_distributed_pca(uris: list[str], model_ids: list[str], layout: WeightLay
         raise ValueError(f"{len(model_ids)} model ids for {n} checkpoints")
     if d == 0:
         raise ValueError("the weight layout has no parameters")
-    engine = _check(cfg)
+    engine = _checked_engine(cfg)
     sources = [model_columns(u, layout) for u in uris]      # every header checked before any actor starts
     side = choose_side(n, d, cfg.side)
     fit = _fit_gram if side == "gram" else _fit_covariance

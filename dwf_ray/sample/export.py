@@ -156,16 +156,16 @@ def _export_batch(batch: pd.DataFrame, fmt: str, out: str, cfg_json: str, recali
     return pd.DataFrame(rows)
 
 
-def _zoo_facts(st: RunStore, arch: ArchSpec) -> dict:
+def _zoo_facts(run_store: RunStore, arch: ArchSpec) -> dict:
     """For the modelzoo format: the epoch the zoo was imported at and the hyper-parameters of its first usable
     model (a run trained here: epoch 0 and none)."""
     if arch.family == "resnet18" and (not arch.args.get("cifar_stem") or arch.args.get("width", 64) != 64):
         raise ExportError("--format modelzoo: the zoos' Resnet18 has the 3x3 stride-1 stem and width 64; this "
                           f"run's is {arch.to_json()}: use --format torchvision")
-    man = ok_rows(st.manifest("zoo"))
-    first = man.iloc[0] if len(man) else {}
-    hparams = json.loads(first["hparams"]) if "hparams" in man.columns and len(man) else {}
-    epoch = int(first["epoch"]) if "epoch" in man.columns and len(man) else 0
+    manifest = ok_rows(run_store.manifest("zoo"))
+    first = manifest.iloc[0] if len(manifest) else {}
+    hparams = json.loads(first["hparams"]) if "hparams" in manifest.columns and len(manifest) else {}
+    epoch = int(first["epoch"]) if "epoch" in manifest.columns and len(manifest) else 0
     return {"epoch": epoch, "hparams": {k: v for k, v in hparams.items() if not k.startswith("dwf::")}}
 
 
@@ -174,23 +174,23 @@ def export_samples(root: str, fmt: str, out: str, recalibrate: bool = True, batc
     returns the manifest also written to ``out/manifest.parquet``. Ray Data tasks write the models."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
-    st = RunStore(root)
-    if not store.exists(st.uri("config.json")):
-        raise ExportError(f"{st.root}: no config.json; not a dwf run root")
-    cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))
+    run_store = RunStore(root)
+    cfg = run_store.saved_config(RunConfig)
+    if cfg is None:
+        raise ExportError(f"{run_store.root}: no config.json; not a dwf run root")
     arch = ArchSpec.parse(cfg.zoo.arch)
     families = FAMILIES[fmt]
     if families is not None and arch.family not in families:
         raise ExportError(f"--format {fmt} is for the families {', '.join(families)}; this run's models are "
                           f"{arch.family}: use --format safetensors")
-    if not st.done(store.STAGE_FOLDERS["sample"]):
-        raise ExportError(f"{st.root}: no generated models yet (the sample stage is not complete): "
-                          f"run dwf sample --root {st.root}")
-    man = ok_rows(st.manifest("sample"))
-    if man.empty:
-        raise ExportError(f"{st.root}: the sample stage wrote no usable models (see samples/manifest.parquet)")
-    todo = pd.DataFrame({"model_id": man["model_id"].tolist(), "source_uri": man["uri"].tolist()})
-    zoo = _zoo_facts(st, arch) if fmt == "modelzoo" else {}
+    if not run_store.done(store.STAGE_FOLDERS["sample"]):
+        raise ExportError(f"{run_store.root}: no generated models yet (the sample stage is not complete): "
+                          f"run dwf sample --root {run_store.root}")
+    manifest = ok_rows(run_store.manifest("sample"))
+    if manifest.empty:
+        raise ExportError(f"{run_store.root}: the sample stage wrote no usable models (see samples/manifest.parquet)")
+    todo = pd.DataFrame({"model_id": manifest["model_id"].tolist(), "source_uri": manifest["uri"].tolist()})
+    zoo = _zoo_facts(run_store, arch) if fmt == "modelzoo" else {}
     ensure_ray()
     ds = row_blocks(todo, batch_size)
     done = ds.map_batches(_export_batch, fn_kwargs={"fmt": fmt, "out": out, "cfg_json": cfg.model_dump_json(),

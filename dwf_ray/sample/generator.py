@@ -17,6 +17,7 @@ from dwf_ray.flow.guidance import guided_velocity
 from dwf_ray.flow.path import StraightPath
 from dwf_ray.flow.solvers import integrate
 from dwf_ray.pca.model import PCAModel
+from dwf_ray.store import RunStore
 from dwf_ray.weights import WeightLayout, save_checkpoint
 
 
@@ -146,13 +147,13 @@ class Generator:
 
     def write(self, out_dir: str, flat: np.ndarray, label: int | None = None) -> pd.DataFrame:
         """Checkpoints of ``flat`` under ``out_dir`` and their manifest (manifest.parquet too)."""
-        man = write_samples(flat, self.arch(label), out_dir)
-        store.write_table(store.join(out_dir, "manifest.parquet"), man)
-        return man
+        manifest = write_samples(flat, self.arch(label), out_dir)
+        store.write_table(store.join(out_dir, "manifest.parquet"), manifest)
+        return manifest
 
 
 def _run_arch(root: str) -> ArchSpec:
-    uri = store.join(root, "config.json")
-    if not store.exists(uri):
+    cfg = RunStore(root).saved_config(RunConfig)
+    if cfg is None:
         raise FileNotFoundError(f"{root}: no config.json; not a dwf run root")
-    return ArchSpec.parse(RunConfig.model_validate(store.read_json(uri)).zoo.arch)
+    return ArchSpec.parse(cfg.zoo.arch)

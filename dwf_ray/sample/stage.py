@@ -16,7 +16,8 @@ def sample_sets(cfg: RunConfig) -> dict[str, tuple[float, int]]:
     """Sub-folder of samples/ -> (temperature, seed): "" for the configured temperature, then the sweep."""
     sampling = cfg.sample
     sweep = [t for t in cfg.eval.temperatures if not np.isclose(t, sampling.temperature)]
-    return {"": (sampling.temperature, sampling.seed)} | {f"T{t:g}": (t, sampling.seed + 1 + i) for i, t in enumerate(sweep)}
+    return {"": (sampling.temperature, sampling.seed)} | {f"T{t:g}": (t, sampling.seed + 1 + i)
+                                                          for i, t in enumerate(sweep)}
 
 
 def _generate_all(root: str, cfg_json: str) -> dict[str, int]:
@@ -25,7 +26,8 @@ def _generate_all(root: str, cfg_json: str) -> dict[str, int]:
     from dwf_ray.sample.generator import Generator
     cfg, run_store = RunConfig.model_validate_json(cfg_json), RunStore(root)
     gen, sampling = Generator.load(run_store.root, device=task_device()), cfg.sample
-    return {folder: len(gen.write(run_store.uri("samples", folder), gen(sampling.n, temp, seed, sampling.solver, sampling.steps)))
+    return {folder: len(gen.write(run_store.uri("samples", folder),
+                                  gen(sampling.n, temp, seed, sampling.solver, sampling.steps)))
             for folder, (temp, seed) in sample_sets(cfg).items()}
 
 

@@ -204,9 +204,9 @@ def import_checkpoints(source: str, arch: ArchSpec, dataset: str, out_dir: str, 
                           batch_format="pandas").to_pandas()
     if len(done) != len(todo):
         raise RuntimeError(f"import: {len(todo)} models in, {len(done)} rows out")
-    man = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri"])
-    man["arch"], man["dataset"], man["seed"] = arch.to_json(), dataset, -1
-    return man.sort_values("model_id").reset_index(drop=True)
+    manifest = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri"])
+    manifest["arch"], manifest["dataset"], manifest["seed"] = arch.to_json(), dataset, -1
+    return manifest.sort_values("model_id").reset_index(drop=True)
 
 
 def check_arch_fits_data(arch: ArchSpec, zoo_cfg: ZooConfig) -> None:

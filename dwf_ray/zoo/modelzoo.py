@@ -235,6 +235,6 @@ def import_model_zoo(source: str, arch: ArchSpec, dataset: str, out_dir: str, ep
         batch_size=batch_size, batch_format="pandas").to_pandas()
     if len(done) != len(todo):
         raise RuntimeError(f"import: {len(todo)} model folders in, {len(done)} rows out")
-    man = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri", "folder", "epoch", "hparams"])
-    man["arch"], man["dataset"], man["epoch"] = arch.to_json(), dataset, epoch
-    return man.sort_values("model_id").reset_index(drop=True)
+    manifest = done.reindex(columns=MANIFEST_COLUMNS + ["source_uri", "folder", "epoch", "hparams"])
+    manifest["arch"], manifest["dataset"], manifest["epoch"] = arch.to_json(), dataset, epoch
+    return manifest.sort_values("model_id").reset_index(drop=True)

@@ -13,22 +13,22 @@ from dwf_ray.zoo.modelzoo import import_model_zoo
 def run_zoo(cfg: RunConfig, run_store: RunStore) -> dict:
     """The zoo stage: train ``cfg.zoo.n_models`` models; writes zoo/ and its manifest."""
     check_arch_fits_data(ArchSpec.parse(cfg.zoo.arch), cfg.zoo)
-    man = train_zoo(cfg.zoo, run_store.stage_uri("zoo"))
-    store.write_table(run_store.stage_uri("zoo", "manifest.parquet"), man)
-    return store.counts(man) | {"test_acc_mean": float(man["test_acc"].mean())}
+    manifest = train_zoo(cfg.zoo, run_store.stage_uri("zoo"))
+    store.write_table(run_store.stage_uri("zoo", "manifest.parquet"), manifest)
+    return store.counts(manifest) | {"test_acc_mean": float(manifest["test_acc"].mean())}
 
 
 def run_import(cfg: RunConfig, run_store: RunStore, source: str) -> dict:
     """The zoo stage for checkpoints trained elsewhere: every model under ``source`` gets a manifest row."""
-    man = import_checkpoints(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, run_store.stage_uri("zoo"))
-    store.write_table(run_store.stage_uri("zoo", "manifest.parquet"), man)
-    return store.counts(man) | {"source": source}
+    manifest = import_checkpoints(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, run_store.stage_uri("zoo"))
+    store.write_table(run_store.stage_uri("zoo", "manifest.parquet"), manifest)
+    return store.counts(manifest) | {"source": source}
 
 
 def run_modelzoo_import(cfg: RunConfig, run_store: RunStore, source: str, epoch: int | None, max_abs_weight: float | None) -> dict:
     """The zoo stage for a Model Zoo folder: every model folder under ``source`` gets a manifest row."""
-    man = import_model_zoo(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, run_store.stage_uri("zoo"), epoch,
+    manifest = import_model_zoo(source, ArchSpec.parse(cfg.zoo.arch), cfg.zoo.dataset, run_store.stage_uri("zoo"), epoch,
                            max_abs_weight)
-    store.write_table(run_store.stage_uri("zoo", "manifest.parquet"), man)
-    return store.counts(man) | {"source": source, "epoch": int(man["epoch"].iloc[0]),
+    store.write_table(run_store.stage_uri("zoo", "manifest.parquet"), manifest)
+    return store.counts(manifest) | {"source": source, "epoch": int(manifest["epoch"].iloc[0]),
                                 "max_abs_weight": max_abs_weight}
