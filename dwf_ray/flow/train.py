@@ -50,9 +50,9 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"flow: resuming from the checkpoint of step {start}", flush=True)
     g = noise_generator(cfg.seed, rank, start)
-    if ckpt and rank == 0 and "rng" in st:   # rank 0 goes on with the noise and dropout streams it had
-        g.set_state(st["rng"]["noise"])
-        torch.set_rng_state(st["rng"]["torch"])
+    if ckpt and rank == 0 and "rng" in saved:   # rank 0 goes on with the noise and dropout streams it had
+        g.set_state(saved["rng"]["noise"])
+        torch.set_rng_state(saved["rng"]["torch"])
     progress = config.get("progress") if rank == 0 else None    # a runtime.progress.Counter the driver shows
     running = 0.0
     for step in range(start, cfg.steps):
