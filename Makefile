@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/dwf run --preset $(PRESET)
 
 test: setup
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" --durations=25
 
 test-slow: setup
 	$(PY) -m pytest -q -ra -m slow
