@@ -23,7 +23,7 @@ import pytest
 from tests.cluster_helpers import BIN, clean_env
 from tests.presets import SMOKE
 
-SMALL = ["--set", "zoo.n_models=6", "--set", "zoo.epochs=2", "--set", "zoo.models_per_task=1",
+SMALL = ["--set", "zoo.n_models=6", "--set", "zoo.epochs=2",
          "--set", "canon.batch_size=2"]
 HOG_SECONDS = 600         # the CPU hogs stop by themselves after this, whatever happens to the test
 
