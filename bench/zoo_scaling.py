@@ -6,7 +6,10 @@ the time of each stage) and plots margin and accuracy against n.
     python bench/zoo_scaling.py SOURCE --n 100,300,1000,3000,10000 --root runs/zoo-scaling --recipe full-k
     python bench/zoo_scaling.py SOURCE --n 1000 --root runs/zoo-scaling-ot --recipe full-k \
         --set flow.ot_coupling=true --reuse runs/zoo-scaling          # a lever: earlier stages linked, not redone
-    python bench/zoo_scaling.py --plot docs/results/zoo-scaling.png   # every saved curve
+    python bench/zoo_scaling.py SOURCE --ceiling --n 1000,10000      # what the PCA alone costs (no Ray)
+    python bench/zoo_scaling.py --add-run ROOT --recipe preset --n 10000   # a finished run of the same zoo
+    python bench/zoo_scaling.py [--baselines ROOT]                     # the tables
+    python bench/zoo_scaling.py --plot docs/results/zoo-scaling.png   # every saved curve (and the ceiling)
 
 SOURCE is a run root whose zoo stage is complete; its config.json gives every setting the recipe does not. The
 zoo stage of a point writes the first n rows of SOURCE's manifest (model_id order), pointing at SOURCE's
@@ -258,7 +261,7 @@ def plot(curves: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 6.2))
     zoo = {}
     for label, curve in curves.items():
         ns = sorted(curve, key=int)
@@ -281,7 +284,7 @@ def plot(curves: dict, path: str) -> None:
     ax_a.set(xscale="log", xlabel="zoo models n", ylabel="mean test accuracy %", title="accuracy")
     for ax in (ax_m, ax_a):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower left")
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
