@@ -100,12 +100,12 @@ def curve_point(metrics: dict, stages: dict, pca: dict, min_novelty: float = 0.5
 
 def zoo_subset_stage(source_root: str, n: int):
     """A zoo-stage function: the first n rows of the source's manifest, pointing at its checkpoints."""
-    def run(cfg, st) -> dict:
+    def run(cfg, run_store) -> dict:
         from dwf_ray import store
-        man = first_rows(store.RunStore(source_root).manifest("zoo"), n)
-        store.write_table(st.stage_uri("zoo", "manifest.parquet"), man)
-        ok = man[man["status"] == "ok"]
-        return store.counts(man) | {"test_acc_mean": float(ok["test_acc"].mean()), "source": source_root}
+        manifest = first_rows(store.RunStore(source_root).manifest("zoo"), n)
+        store.write_table(run_store.stage_uri("zoo", "manifest.parquet"), manifest)
+        ok = manifest[manifest["status"] == "ok"]
+        return store.counts(manifest) | {"test_acc_mean": float(ok["test_acc"].mean()), "source": source_root}
     return run
 
 
@@ -147,11 +147,11 @@ def root_point(root: str) -> dict:
     from dwf_ray import store
     from dwf_ray.config import RunConfig
     from dwf_ray.pipeline import STAGE_NAMES
-    st = store.RunStore(root)
-    cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))
-    stages = {s: st.stage_info(store.STAGE_FOLDERS[s]) for s in STAGE_NAMES}
-    metrics = store.read_json(st.uri("report", "metrics.json"))
-    return curve_point(metrics, stages, stages["pca"], cfg.eval.accept_novelty) | {"root": st.root}
+    run_store = store.RunStore(root)
+    cfg = RunConfig.model_validate(store.read_json(run_store.uri("config.json")))
+    stages = {s: run_store.stage_info(store.STAGE_FOLDERS[s]) for s in STAGE_NAMES}
+    metrics = store.read_json(run_store.uri("report", "metrics.json"))
+    return curve_point(metrics, stages, stages["pca"], cfg.eval.accept_novelty) | {"root": run_store.root}
 
 
 # ---------------------------------------------------------------- the PCA ceiling
@@ -187,9 +187,9 @@ def ceiling(root: str, ks: str, n: int, models: int = 200, reference: int = 1000
     from dwf_ray.pca.dual import dual_pca
     from dwf_ray.weights import load_flat_models
     torch.set_num_threads(1)
-    st = store.RunStore(root)
-    cfg = RunConfig.model_validate(store.read_json(st.uri("config.json")))
-    rows = first_rows(store.ok_rows(st.manifest("canon")), n)
+    run_store = store.RunStore(root)
+    cfg = RunConfig.model_validate(store.read_json(run_store.uri("config.json")))
+    rows = first_rows(store.ok_rows(run_store.manifest("canon")), n)
     x = load_flat_models(rows["canon_uri"], ArchSpec.parse(cfg.zoo.arch)).astype(np.float64)
     mean, comps, z, eig = (dual_pca if len(x) <= x.shape[1] else covariance_pca)(x, variance_target=None)
     cum = np.cumsum(eig.explained_variance_ratio)
@@ -217,7 +217,7 @@ def ceiling(root: str, ks: str, n: int, models: int = 200, reference: int = 1000
 
 def best_baseline_at(tradeoff: list[dict], novelty: float) -> tuple[str, float]:
     """The best baseline of a report's trade-off points at a functional novelty, and its accuracy there."""
-    from dwf_ray.eval.run import baseline_at
+    from dwf_ray.eval.tradeoff import baseline_at
     methods = dict.fromkeys(p["method"] for p in tradeoff if p["method"] != "generator")
     accs = {m: baseline_at(tradeoff, m, novelty) for m in methods}
     best = max(accs, key=accs.get)

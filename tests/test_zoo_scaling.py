@@ -1,6 +1,5 @@
 """The zoo-size curve's bench (bench/zoo_scaling.py): its pure helpers, with no run."""
 import importlib.util
-import sys
 from pathlib import Path
 
 import pandas as pd
