@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.cluster_helpers import stop_group
 from tests.conftest import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +46,7 @@ def ray_head(tmp_path):
                 raise RuntimeError(f"Ray head did not start:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
     yield address, env
-    proc.terminate()
-    proc.wait(timeout=60)
+    stop_group(proc)      # `ray start --block` may linger a minute after its node stopped: its group is killed
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
