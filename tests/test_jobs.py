@@ -23,10 +23,17 @@ def ray_head(tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
+    picked: set[int] = set()
+
+    def distinct_port() -> int:   # the OS may hand the same free port out twice in a row: Ray refuses that
+        while (port := _free_port()) in picked:
+            pass
+        picked.add(port)
+        return port
+    dash = distinct_port()
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")   # its own session files (short socket paths)
     # every port its own, so that it never collides with the test session's Ray on this machine
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={distinct_port()}" for name in (
         "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", *ports, "--num-cpus=2",
