@@ -119,16 +119,6 @@ def offline_sweep(root: str, n: int, reps: int, threads: int, seed: int) -> dict
 
 # ---------------------------------------------------------------- 2. load
 
-def server_timing(header: str) -> dict[str, float]:
-    """A ``Server-Timing`` header as {part: seconds}."""
-    out = {}
-    for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        if dur:
-            out[name] = float(dur) / 1000
-    return out
-
-
 def service_pids(app: str) -> dict[str, list[int]]:
     """Process ids of the Serve processes of the Ray cluster this bench started (its descendants, found by their
     process titles): the HTTP proxy, ``app``'s replicas, the controller."""
@@ -198,6 +188,7 @@ def offline_cpu_per_model(root: str, n: int, threads: int, solver: str | None, s
 
 async def _load(url: str, clients: int, n: int, requests: int, max_seconds: float, body_extra: dict) -> dict:
     import httpx
+    from dwf_ray.serve.wire import parse_server_timing
     latencies, codes, batch_sizes, timings = [], {}, [], []
     issued = 0
     t0 = time.perf_counter()
@@ -215,7 +206,7 @@ async def _load(url: str, clients: int, n: int, requests: int, max_seconds: floa
                     code = r.status_code
                     if code == 200:
                         batch_sizes.append(int(r.headers.get("X-Batch-Size", 0)))
-                        timings.append(server_timing(r.headers.get("Server-Timing", "")) |
+                        timings.append(parse_server_timing(r.headers.get("Server-Timing", "")) |
                                        {"client": time.perf_counter() - s})
                 except httpx.HTTPError as exc:
                     code = type(exc).__name__

@@ -6,8 +6,8 @@ from typing import Optional
 
 from dwf_ray import store
 from dwf_ray.serve.errors import ApiError, error_response
+from dwf_ray.serve.wire import TOKEN_ENV
 
-TOKEN_ENV = "DWF_SERVE_TOKEN"
 OPEN_PATHS = ("/healthz",)          # reachable without the token (load balancers, probes)
 
 

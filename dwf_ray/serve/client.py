@@ -16,9 +16,8 @@ from typing import Optional
 import numpy as np
 import requests
 
-from dwf_ray.serve.wire import split_models
+from dwf_ray.serve.wire import TOKEN_ENV, split_models
 
-TOKEN_ENV = "DWF_SERVE_TOKEN"
 RETRY_STATUS = (500, 502, 503, 504)
 
 

@@ -26,7 +26,8 @@ from dwf_ray.serve.auth import BearerAuth
 from dwf_ray.serve.config import ServeConfig
 from dwf_ray.serve.errors import ApiError, error_response, quota_error, validation_error
 from dwf_ray.serve.quota import QuotaExceeded, ServedQuota, Usage, uri_bytes_bound
-from dwf_ray.serve.wire import CHUNK_BYTES, SampleRequest, encode_header, max_models, stream_safetensors
+from dwf_ray.serve.wire import (CHUNK_BYTES, SampleRequest, encode_header, format_server_timing, max_models,
+                                stream_safetensors)
 
 SERVED = "served"                   # format=uri writes under <root>/served/<request id>/
 OCTET = "application/octet-stream"
@@ -69,7 +70,7 @@ class Solved:
             parts.append((name, end - last))
             last = end
         parts.append(("replica", last - queued))
-        return ", ".join(f"{name};dur={1000 * max(0.0, s):.3f}" for name, s in parts)
+        return format_server_timing(parts)
 
 
 @serve.deployment(name="SampleService")

@@ -19,6 +19,7 @@ from dwf_ray.safetensors_header import MAX_HEADER_BYTES, encode_header as encode
 
 MAX_SEED = 2 ** 63 - 1
 CHUNK_BYTES = 1 << 20
+TOKEN_ENV = "DWF_SERVE_TOKEN"       # the service's bearer token, where the service and the client look for it
 
 
 class SampleRequest(BaseModel):
@@ -82,3 +83,18 @@ def split_models(data: bytes) -> tuple[list[dict[str, np.ndarray]], dict[str, st
         i, name = key.split(".", 1)
         models[int(i)][name] = value
     return models, read_metadata(data)
+
+
+def format_server_timing(parts: list[tuple[str, float]]) -> str:
+    """An HTTP ``Server-Timing`` value of (name, seconds) parts, in milliseconds."""
+    return ", ".join(f"{name};dur={1000 * max(0.0, seconds):.3f}" for name, seconds in parts)
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """A ``Server-Timing`` value as {name: seconds}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur) / 1000
+    return out
