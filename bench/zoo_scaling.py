@@ -9,7 +9,8 @@ the time of each stage) and plots margin and accuracy against n.
     python bench/zoo_scaling.py SOURCE --ceiling --n 1000,10000      # what the PCA alone costs (no Ray)
     python bench/zoo_scaling.py --add-run ROOT --recipe preset --n 10000   # a finished run of the same zoo
     python bench/zoo_scaling.py [--baselines ROOT]                     # the tables
-    python bench/zoo_scaling.py --plot docs/results/zoo-scaling.png   # every saved curve (and the ceiling)
+    python bench/zoo_scaling.py --plot docs/results/zoo-scaling.png --labels preset,k90   # curves of one zoo
+    python bench/zoo_scaling.py --ceiling-plot docs/results/zoo-scaling-ceiling.png
 
 SOURCE is a run root whose zoo stage is complete; its config.json gives every setting the recipe does not. The
 zoo stage of a point writes the first n rows of SOURCE's manifest (model_id order), pointing at SOURCE's
@@ -261,7 +262,7 @@ def plot(curves: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 6.2))
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 4.8))
     zoo = {}
     for label, curve in curves.items():
         ns = sorted(curve, key=int)
@@ -284,7 +285,7 @@ def plot(curves: dict, path: str) -> None:
     ax_a.set(xscale="log", xlabel="zoo models n", ylabel="mean test accuracy %", title="accuracy")
     for ax in (ax_m, ax_a):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
@@ -326,6 +327,23 @@ def save(kind: str, key: str, value, sub: str | None = None) -> None:
     RESULTS.write_text(json.dumps(results, indent=1))
 
 
+def save_preset_curve(preset: str, label: str) -> None:
+    """The saved curve ``label`` as ``preset``'s measured curve (dwf_ray/eval/zoo_curves.json): the operating
+    point at each n, with the zoo it came from."""
+    from dwf_ray import store
+    from dwf_ray.eval.zoo_curve import save_curve
+    curve = load_results()["curves"][label]
+    ns = sorted(curve, key=int)
+    largest = curve[ns[-1]]["root"]      # a point of the bench names its source zoo; an added run is its own
+    source = store.read_json(store.join(largest, "zoo", "_SUCCESS")).get("source") or largest
+    size = len(store.RunStore(source).manifest("zoo"))
+    about = (f"the first n models of one {size:,}-model zoo, the preset's own settings, "
+             f"`python bench/zoo_scaling.py` recipe '{curve[ns[-1]]['recipe']}'")
+    save_curve(preset, about, [{"n": int(n), "zoo_acc": curve[n]["zoo_acc"], **curve[n]["operating_point"]}
+                               for n in ns])
+    print(f"{preset}: curve '{label}' ({', '.join(ns)}) saved for its reports")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", nargs="?", help="a run root whose zoo stage is complete")
@@ -336,13 +354,17 @@ def main() -> None:
     ap.add_argument("--reuse", help="a root of earlier points whose unchanged stages are linked, not redone")
     ap.add_argument("--label", help="the curve's name in the results file and the plot")
     ap.add_argument("--until", default="eval", help="the last stage to run (eval: a point of the curve)")
-    ap.add_argument("--plot", help="write the plot of every saved curve to this PNG")
+    ap.add_argument("--plot", help="write the plot of the saved curves (--labels, default every one) to this PNG")
+    ap.add_argument("--labels", help="with --plot: the curves to draw, comma-separated (curves of one zoo)")
+    ap.add_argument("--ceiling-plot", help="write the plot of the saved PCA ceilings to this PNG")
     ap.add_argument("--ceiling", action="store_true", help="instead: the PCA ceiling of SOURCE's first n "
                     "canonical models at each --n")
     ap.add_argument("--ks", default="16,64,256,1024,0.5,0.9,0.99,all", help="the ceiling's k: counts, variance "
                     "shares, all")
     ap.add_argument("--add-run", metavar="ROOT", help="instead: add a finished run root (of SOURCE's first --n "
                     "models, made with --recipe) to the curve --label")
+    ap.add_argument("--save-curve", metavar="PRESET", help="instead: store the curve --label (default: recipe "
+                    "preset) as PRESET's measured curve, shown in the reports of that preset's runs")
     ap.add_argument("--baselines", metavar="ROOT", help="with no SOURCE: set the ceiling against this run's "
                     "baselines at equal functional novelty")
     args = ap.parse_args()
@@ -351,6 +373,9 @@ def main() -> None:
             save("ceiling", n, ceiling(args.source, args.ks, int(n)))
         return
     label, recipe = args.label or " ".join([args.recipe, *args.set]), {"recipe": args.recipe, "set": args.set}
+    if args.save_curve:
+        save_preset_curve(args.save_curve, args.label or "preset")
+        return
     if args.add_run:
         save("curves", label, root_point(args.add_run) | recipe, args.n)
     elif args.source:
@@ -360,7 +385,7 @@ def main() -> None:
                 save("curves", label, point | recipe, n)
                 print_curve(label, load_results()["curves"][label])
     results = load_results()
-    if not args.source and not args.add_run and not args.plot:
+    if not args.source and not args.add_run and not args.plot and not args.ceiling_plot:
         tradeoff = None
         if args.baselines:
             from dwf_ray import store
@@ -369,9 +394,10 @@ def main() -> None:
         for label, curve in results["curves"].items():
             print_curve(label, curve)
     if args.plot:
-        plot(results["curves"], args.plot)
-        if results["ceiling"]:
-            plot_ceiling(results["ceiling"], args.plot.replace(".png", "-ceiling.png"))
+        labels = args.labels.split(",") if args.labels else list(results["curves"])
+        plot({label: results["curves"][label] for label in labels}, args.plot)
+    if args.ceiling_plot:
+        plot_ceiling(results["ceiling"], args.ceiling_plot)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 M = 1 trains ``--n-alone`` models (it is slow), every other M trains ``--n``. Models/s is whole-job wall clock
 (task start-up included); the ratio is against M = 1; ``minutes_for_10000`` extrapolates each rate. The zoos'
 mean test accuracy is printed beside each setting (the same recipe must give the same models).
-Writes bench/results/zoo_throughput.json and prints a table.
+Writes bench/results/zoo_throughput_<preset>.json and prints a table.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dwf_ray.presets import preset
 from dwf_ray.runtime import cluster_cpus, ensure_ray
 from dwf_ray.zoo import models_per_task, train_zoo
 
-RESULTS = Path(__file__).parent / "results" / "zoo_throughput.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def timed_zoo(zoo_cfg, per_task: int, n: int) -> dict:
@@ -56,8 +56,8 @@ def main() -> None:
     result = {"preset": args.preset, "arch": zoo_cfg.arch, "epochs": zoo_cfg.epochs, "cpus": cluster_cpus(),
               "rows": rows, "best_models_per_task": best["models_per_task"],
               "speedup_best_vs_one_per_task": round(best["models_per_s"] / rows[0]["models_per_s"], 2)}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"zoo_throughput_{args.preset}.json").write_text(json.dumps(result, indent=2))
     print(f"\n{args.preset}: {zoo_cfg.arch['family']} {zoo_cfg.arch['args']}, {zoo_cfg.epochs} epochs, "
           f"{result['cpus']} CPUs")
     print(f"{'M':>5} {'models':>7} {'seconds':>9} {'models/s':>9} {'min/10k':>8} {'test acc':>9}")

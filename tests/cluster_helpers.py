@@ -189,7 +189,7 @@ class NodePoller:
 def submit_job(address: str, env: dict, entrypoint: list[str], runtime_env: dict | None = None,
                timeout: float = 600) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir <repo> [--runtime-env-json ...] -- entrypoint`, retried while the head's job
-    agent is still starting (as tests.test_jobs.submit, plus a runtime env)."""
+    agent is still starting."""
     extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
     deadline = time.time() + 120
     while True:

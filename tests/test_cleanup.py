@@ -1,5 +1,7 @@
 """Nothing outlives `dwf`: however a command ends (done, a stage failing mid-run, SIGINT, SIGTERM while a Ray task
-runs), under load, no process it started is left: not its local Ray cluster, not a worker or an actor.
+runs), under load, no process it started is left: not its local Ray cluster, not a worker or an actor. The same
+commands show what a user sees: one line per stage and progress bars, Ray's logs in the run's log file, one line
+for a failed stage, and the same command resuming it.
 
 Each `dwf` runs in a session of its own with a Ray temp dir of its own (RAY_TMPDIR). While it runs, a watcher
 records its process tree; once it has ended, the whole process table is searched for any process of that tree
@@ -8,6 +10,7 @@ working directory or an open file). The issue this guards against: a `ray::MapWo
 left alive with parent 1 after a `dwf canon` run under load.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,6 +77,7 @@ class WatchedDwf:
         self.ray_tmp = tempfile.mkdtemp(prefix="dwfcl", dir="/tmp")     # short: Ray's socket paths live in it
         self.out, self.err = workdir / f"dwf-{id(self)}.out", workdir / f"dwf-{id(self)}.err"
         env = clean_env() | {"RAY_TMPDIR": self.ray_tmp, "PYTHONUNBUFFERED": "1"}
+        env.pop("TQDM_DISABLE")                                       # the terminal's progress bars, as a user sees
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen([str(BIN / "dwf"), *args], env=env, stdout=out, stderr=err,
                                          start_new_session=True)
@@ -184,9 +188,26 @@ def test_a_finished_command_leaves_no_process(finished_runs, stage, worker):
     assert_nothing_left(dwf, worker)
 
 
-def test_a_stage_failing_mid_run_leaves_no_process(finished_runs, tmp_path):
-    """`dwf pca` where one canonical checkpoint lost the end of its data: its header passes the driver's check,
-    the shard actors fail reading it; the stage fails (exit 1, one line) with its actors up."""
+def test_the_terminal_shows_stage_lines_and_progress_bars_and_ray_logs_go_to_the_run_root(finished_runs):
+    """`dwf` on a Ray of its own, as a user runs it: stdout has the stages' lines, stderr only progress bars;
+    Ray's log lines, and what its C++ core writes to the process's standard error, go to <root>/logs/dwf.log."""
+    root, runs = finished_runs
+    for stage, (_, code, out, err) in zip(("zoo", "canon"), runs):
+        assert code == 0, out[-2000:] + err[-2000:]
+        assert re.search(rf"^\[{stage}\] done in [\d.]+ s$", out, re.M), out
+        pieces = [p.strip() for p in re.split(r"[\r\n]", err) if p.strip()]
+        bars = [p for p in pieces if re.match(rf"^{stage}\b[\w :]*:\s+\d+%\|", p)]
+        assert bars and bars == pieces, [p for p in pieces if p not in bars][:5]
+        assert "INFO" not in out and "WARNING" not in out
+    log = (root / "logs" / "dwf.log").read_text()
+    assert "Started a local Ray instance" in log and "ray.data" in log
+
+
+def test_a_stage_failing_mid_run_is_one_line_leaves_no_process_and_the_same_command_resumes(finished_runs, tmp_path):
+    """`dwf pca` where one canonical checkpoint lost the end of its data (a disk or bucket fault): its header passes
+    the driver's check, the shard actors fail reading it; the stage fails (exit 1) with one line naming the stage
+    and pointing at the run's log, which has the traceback, and its actors up. Once the file is whole again, the
+    same command finishes the stage without redoing the ones before it."""
     root, _ = finished_runs
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
@@ -194,16 +215,31 @@ def test_a_stage_failing_mid_run_leaves_no_process(finished_runs, tmp_path):
     canon["canon_uri"] = [u.replace(str(root), str(copy)) for u in canon["canon_uri"]]
     canon.to_parquet(copy / "canonical" / "manifest.parquet")
     cut = Path(canon["canon_uri"].iloc[-1])
-    cut.write_bytes(cut.read_bytes()[:-1000])
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[:-1000])
     dwf = WatchedDwf(["pca", "--root", str(copy)], tmp_path)
     try:
         code, out, err = dwf.finish()
         assert code == 1, out[-2000:] + err[-2000:]
         lines = [line for line in err.splitlines() if line.startswith("dwf:")]
         assert len(lines) == 1 and lines[0].startswith("dwf: error: stage pca failed"), err[-2000:]
+        assert "logs/dwf.log" in lines[0] and "Traceback" not in err, lines[0]
         assert_nothing_left(dwf, "ray::GramShard")
     finally:
         dwf.cleanup()
+    assert "Traceback (most recent call last)" in (copy / "logs" / "dwf.log").read_text()
+    assert not (copy / "pca" / "_SUCCESS").exists()
+
+    cut.write_bytes(whole)
+    canon_done = (copy / "canonical" / "_SUCCESS").stat().st_mtime_ns
+    again = WatchedDwf(["pca", "--root", str(copy)], tmp_path)
+    try:
+        code, out, err = again.finish()
+        assert code == 0 and "[pca] done" in out, out[-2000:] + err[-2000:]
+    finally:
+        again.cleanup()
+    assert (copy / "pca" / "_SUCCESS").exists()
+    assert (copy / "canonical" / "_SUCCESS").stat().st_mtime_ns == canon_done, "the completed canon stage was redone"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

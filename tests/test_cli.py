@@ -1,4 +1,5 @@
-"""Bad command lines get one line naming the problem and exit code 2, before any Ray starts."""
+"""Bad command lines get one line naming the problem and exit code 2, before any Ray starts; Ray's and native
+output goes to the run's log, progress bars stay (a real run's terminal: tests/test_cleanup.py)."""
 import pytest
 from typer.testing import CliRunner
 
@@ -19,32 +20,6 @@ def test_bad_command_lines_get_one_line_and_exit_code_2(args, named, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dwf: error:") and named in lines[0], result.stderr
     assert "Traceback" not in result.output
-
-
-def test_the_terminal_shows_stage_lines_and_progress_bars_and_ray_logs_go_to_the_run_root(tmp_path):
-    """`dwf` on a Ray of its own, as a user runs it: stdout has the stages' lines, stderr only progress bars;
-    Ray's log lines, and what its C++ core writes to the process's standard error, go to <root>/logs/dwf.log."""
-    import os
-    import re
-    import subprocess
-    import sys
-
-    from tests.presets import SMOKE
-    root = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TQDM_DISABLE")}  # conftest sets it
-    small = ["--set", "zoo.n_models=6", "--set", "zoo.epochs=2", "--set", "canon.batch_size=2"]
-    for args in (["zoo", "--preset", SMOKE, *small], ["canon"]):
-        proc = subprocess.run([sys.executable, "-m", "dwf_ray.cli", *args, "--root", str(root)],
-                              capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        stage = args[0]
-        assert re.search(rf"^\[{stage}\] done in [\d.]+ s$", proc.stdout, re.M), proc.stdout
-        pieces = [p.strip() for p in re.split(r"[\r\n]", proc.stderr) if p.strip()]
-        bars = [p for p in pieces if re.match(rf"^{stage}\b[\w :]*:\s+\d+%\|", p)]
-        assert bars and bars == pieces, [p for p in pieces if p not in bars][:5]
-        assert "INFO" not in proc.stdout and "WARNING" not in proc.stdout
-    log = (root / "logs" / "dwf.log").read_text()
-    assert "Started a local Ray instance" in log and "ray.data" in log
 
 
 QUIET = """

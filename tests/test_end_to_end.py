@@ -12,6 +12,7 @@ from dwf_ray.weights import load_model_state, save_checkpoint
 
 from tests.conftest import dwf
 from tests.presets import SMOKE
+from tests.test_s3 import dwf_subprocess
 
 
 def test_run_produces_every_artefact(smoke_run):
@@ -103,6 +104,26 @@ def test_bad_checkpoints_are_reported_and_the_run_goes_on(smoke_run, tmp_path):
     dwf("pca", "--root", str(root))
     meta = json.loads((root / "pca" / "meta.json").read_text())
     assert meta["n"] == 9 and "m00005" not in meta["model_ids"]
+
+
+def test_an_unusable_reference_fails_canon_with_one_line_naming_it(smoke_run, tmp_path):
+    """The reference checkpoint is unreadable (a disk or bucket fault): `dwf canon` stops with exit 1 and one line
+    naming the stage, the cause and the file; nothing of the stage is marked done."""
+    src, _ = smoke_run
+    root = tmp_path / "ref"
+    shutil.copytree(src / "zoo", root / "zoo")
+    shutil.copy(src / "config.json", root / "config.json")
+    zoo = pd.read_parquet(root / "zoo" / "manifest.parquet")
+    zoo["uri"] = [str(root / "zoo" / f"{m}.safetensors") for m in zoo["model_id"]]
+    zoo.to_parquet(root / "zoo" / "manifest.parquet")
+    (root / "zoo" / "m00000.safetensors").write_bytes(b"not a checkpoint")
+    result = dwf_subprocess("canon", "--root", str(root))     # the `dwf` entry, on this session's Ray
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dwf:")]
+    assert len(lines) == 1 and lines[0].startswith("dwf: error: stage canon failed: ValueError: canonicalize: the "
+                                                   "reference model is unusable"), result.stderr
+    assert "m00000.safetensors" in lines[0] and "Traceback" not in result.stderr
+    assert not (root / "canonical" / "_SUCCESS").exists()
 
 
 def test_import_a_folder_of_checkpoints_trained_elsewhere(tmp_path, ray_session):

@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -85,3 +86,39 @@ def test_separate_runs_of_the_bench_add_to_one_results_file(bench, tmp_path, mon
     results = bench.load_results()
     assert results["curves"] == {"k90": {"100": {"acc": 1.0}, "1000": {"acc": 2.0}}}
     assert results["ceiling"] == {"1000": [{"k": "all"}]}
+
+
+def test_a_report_places_its_run_on_the_curve_measured_for_its_preset(smoke_run, tmp_path, monkeypatch):
+    """The curve file the bench writes (--save-curve) puts a section and a plot in the report of a run of that
+    preset: the measured points and this run's operating point in order of zoo size. A preset with no curve gets
+    neither."""
+    import json
+    from dwf_ray.eval import zoo_curve
+    from dwf_ray.eval.report import write_report
+    root, _ = smoke_run
+    metrics = json.loads((root / "report" / "metrics.json").read_text())
+    op, n = metrics["operating_point"], metrics["diversity"]["zoo_reference"]["zoo_models"]
+    accs = [np.array(metrics["model_accuracy"][k]) / 100 for k in ("zoo", "generated")]
+    monkeypatch.setattr(zoo_curve, "CURVES", tmp_path / "curves.json")
+    assert "measured curve" not in write_report(str(tmp_path / "none"), metrics, *accs)
+    assert not (tmp_path / "none" / "zoo_curve.png").exists()
+
+    measured = [{"n": size, "zoo_acc": 90.0, "acc": 80.0 + i, "func_novelty": 1.0, "margin": -1.0 + i,
+                 "margin_se": 0.2, "best_baseline": "noise"} for i, size in enumerate((4, 100, 10))]
+    zoo_curve.save_curve(metrics["preset"], "a test zoo", measured)
+    zoo_curve.save_curve("other", "another preset's", measured[:1])
+    assert [p["n"] for p in zoo_curve.measured_curve(metrics["preset"])["points"]] == [4, 10, 100]
+    md = write_report(str(tmp_path / "placed"), metrics, *accs)
+    assert f"n = {n:,} lies between the measured sizes 10 and 100" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| measured |", "| **this run** |"))]
+    assert [r.split("|")[2].strip() for r in rows] == ["4", "10", str(n), "100"]
+    assert f"{op['margin']:+.2f} ({op['margin_se']:.2f})" in rows[2] and "this run" in rows[2]
+    assert (tmp_path / "placed" / "zoo_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_shipped_curve_is_the_scale_presets_own():
+    from dwf_ray.eval.zoo_curve import measured_curve
+    curve = measured_curve("mnist1d-mlp-scale")
+    sizes = [p["n"] for p in curve["points"]]
+    assert sizes == sorted(sizes) and 1000 in sizes and 10000 in sizes
+    assert all(-100 < p["margin"] < 100 and p["margin_se"] > 0 for p in curve["points"])

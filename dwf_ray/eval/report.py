@@ -7,6 +7,7 @@ import numpy as np
 
 from dwf_ray import store
 from dwf_ray.eval.metrics import METRICS, NOVELTY, fmt
+from dwf_ray.eval.zoo_curve import curve_section, measured_curve, plot_curve
 
 
 def summary(acc: np.ndarray) -> dict:
@@ -38,13 +39,15 @@ def tradeoff_table(points: list[dict], zoo: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -52,7 +55,7 @@ def _plt():
 
 
 def plot_histogram(zoo_acc: np.ndarray, gen_acc: np.ndarray) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     lo, hi = min(zoo_acc.min(), gen_acc.min()) * 100, max(zoo_acc.max(), gen_acc.max()) * 100
     bins = np.linspace(lo - 0.25, hi + 0.25, 30)
@@ -61,7 +64,7 @@ def plot_histogram(zoo_acc: np.ndarray, gen_acc: np.ndarray) -> bytes:
     ax.set_xlabel("test accuracy %")
     ax.set_ylabel("models")
     ax.legend()
-    data = _png(fig)
+    data = png_bytes(fig)
     plt.close(fig)
     return data
 
@@ -70,7 +73,7 @@ def plot_tradeoff(points: list[dict], zoo: dict, zoo_std: float, axis: str = NOV
                   min_novelty: float | None = None) -> bytes:
     """Accuracy against novelty on ``axis``: the generator at each temperature, every baseline as a curve,
     the zoo (novelty 1.0 by definition in function space) with its spread."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.3))
     methods = list(dict.fromkeys(p["method"] for p in points))
     for i, method in enumerate(methods):
@@ -97,7 +100,7 @@ def plot_tradeoff(points: list[dict], zoo: dict, zoo_std: float, axis: str = NOV
     ax.set_xlabel(label + " (log scale above 1)")
     ax.set_ylabel("mean test accuracy %")
     ax.legend(fontsize=7)
-    data = _png(fig)
+    data = png_bytes(fig)
     plt.close(fig)
     return data
 
@@ -120,7 +123,8 @@ def write_report_files(report_dir: str, metrics: dict, markdown: str) -> None:
 
 def write_report(report_dir: str, metrics: dict, zoo_acc: np.ndarray, gen_acc: np.ndarray) -> str:
     """Writes metrics.json, accuracy.png, tradeoff.png (functional novelty), tradeoff_weight.png (weight-space
-    diagnostic, when measured) and report.md; returns the markdown."""
+    diagnostic, when measured), zoo_curve.png (when the preset has a measured curve of quality against zoo size)
+    and report.md; returns the markdown."""
     operating, zoo_std = metrics["operating_point"], metrics["accuracy"]["zoo"]["std"]
     store.write_bytes(store.join(report_dir, "accuracy.png"), plot_histogram(zoo_acc, gen_acc))
     store.write_bytes(store.join(report_dir, "tradeoff.png"),
@@ -130,6 +134,12 @@ def write_report(report_dir: str, metrics: dict, zoo_acc: np.ndarray, gen_acc: n
         store.write_bytes(store.join(report_dir, "tradeoff_weight.png"),
                           plot_tradeoff(metrics["tradeoff"], metrics["zoo"], zoo_std, "weight_novelty"))
         weight_plot = "\n\nDiagnostic, in weight space up to permutation:\n\n![weight-space trade-off](tradeoff_weight.png)"
+    curve_md = ""
+    curve = measured_curve(metrics["preset"])
+    if curve:
+        n_zoo = metrics["diversity"]["zoo_reference"]["zoo_models"]
+        store.write_bytes(store.join(report_dir, "zoo_curve.png"), plot_curve(curve, n_zoo, operating))
+        curve_md = "\n" + curve_section(metrics["preset"], curve, n_zoo, operating, metrics["accuracy"]["zoo"]["mean"])
     verdict = "PASS" if operating["accepted"] else "FAIL"
     timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in metrics.get("timings", {}).items())
     model = metrics.get("model")
@@ -167,7 +177,7 @@ baselines at that novelty: {baselines}; margin over the best ({operating['best_b
 (standard error {operating['margin_se']:.2f}). Accepted (functional novelty >= {operating['min_novelty']:g} and a margin of
 more than one standard error): **{verdict}**. Gap to the zoo mean: {operating['gap_to_zoo']:.2f} points. Generator
 settings that pass: {', '.join(operating.get('passing_settings') or []) or 'none'}.
-
+{curve_md}
 ## Stage times (seconds)
 
 | stage | seconds |
