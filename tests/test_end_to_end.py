@@ -12,7 +12,6 @@ from dwf_ray.weights import load_model_state, save_checkpoint
 
 from tests.conftest import dwf
 from tests.presets import SMOKE
-from tests.test_s3 import dwf_subprocess
 
 
 def test_run_produces_every_artefact(smoke_run):
@@ -106,9 +105,12 @@ def test_bad_checkpoints_are_reported_and_the_run_goes_on(smoke_run, tmp_path):
     assert meta["n"] == 9 and "m00005" not in meta["model_ids"]
 
 
-def test_an_unusable_reference_fails_canon_with_one_line_naming_it(smoke_run, tmp_path):
-    """The reference checkpoint is unreadable (a disk or bucket fault): `dwf canon` stops with exit 1 and one line
-    naming the stage, the cause and the file; nothing of the stage is marked done."""
+def test_an_unusable_reference_fails_canon_naming_it_and_the_same_command_resumes(smoke_run, tmp_path):
+    """The reference checkpoint is unreadable (a disk or bucket fault): `dwf canon` stops naming the stage, the
+    cause and the file (the `dwf` entry prints it as one line and exits 1: tests/test_cleanup.py), the traceback
+    in the run's log, nothing of the stage marked done. Once the file is back, the same command finishes the stage
+    without redoing the zoo."""
+    from dwf_ray.pipeline import StageFailed
     src, _ = smoke_run
     root = tmp_path / "ref"
     shutil.copytree(src / "zoo", root / "zoo")
@@ -116,14 +118,22 @@ def test_an_unusable_reference_fails_canon_with_one_line_naming_it(smoke_run, tm
     zoo = pd.read_parquet(root / "zoo" / "manifest.parquet")
     zoo["uri"] = [str(root / "zoo" / f"{m}.safetensors") for m in zoo["model_id"]]
     zoo.to_parquet(root / "zoo" / "manifest.parquet")
-    (root / "zoo" / "m00000.safetensors").write_bytes(b"not a checkpoint")
-    result = dwf_subprocess("canon", "--root", str(root))     # the `dwf` entry, on this session's Ray
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("dwf:")]
-    assert len(lines) == 1 and lines[0].startswith("dwf: error: stage canon failed: ValueError: canonicalize: the "
-                                                   "reference model is unusable"), result.stderr
-    assert "m00000.safetensors" in lines[0] and "Traceback" not in result.stderr
+    reference = root / "zoo" / "m00000.safetensors"
+    good = reference.read_bytes()
+    reference.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(app, ["canon", "--root", str(root)])
+    assert isinstance(result.exception, StageFailed), result.output
+    message = str(result.exception)
+    assert message.startswith("stage canon failed: ValueError: canonicalize: the reference model is unusable"), message
+    assert "m00000.safetensors" in message and "logs/dwf.log" in message and "\n" not in message
+    assert "the reference model is unusable" in (root / "logs" / "dwf.log").read_text()
     assert not (root / "canonical" / "_SUCCESS").exists()
+
+    reference.write_bytes(good)
+    zoo_done = (root / "zoo" / "_SUCCESS").stat().st_mtime_ns
+    assert "[canon] done" in dwf("canon", "--root", str(root))
+    assert (root / "canonical" / "_SUCCESS").exists()
+    assert (root / "zoo" / "_SUCCESS").stat().st_mtime_ns == zoo_done, "the completed zoo stage was redone"
 
 
 def test_import_a_folder_of_checkpoints_trained_elsewhere(tmp_path, ray_session):
