@@ -78,15 +78,21 @@ def test_changed_config_on_existing_root_is_a_clear_error(smoke_run):
     assert result.exit_code != 0 and "different config" in result.output
 
 
-def test_bad_checkpoints_are_reported_and_the_run_goes_on(smoke_run, tmp_path):
-    """Truncated, wrong-shape and NaN checkpoints: each gets a manifest row with its error; the rest go on."""
-    src, _ = smoke_run
-    root = tmp_path / "bad"
+def copy_zoo(src, root) -> pd.DataFrame:
+    """A new run root holding a copy of ``src``'s config and zoo (its manifest pointing at the copies)."""
     shutil.copytree(src / "zoo", root / "zoo")
     shutil.copy(src / "config.json", root / "config.json")
     zoo = pd.read_parquet(root / "zoo" / "manifest.parquet")
     zoo["uri"] = [str(root / "zoo" / f"{m}.safetensors") for m in zoo["model_id"]]
     zoo.to_parquet(root / "zoo" / "manifest.parquet")
+    return zoo
+
+
+def test_bad_checkpoints_are_reported_and_the_run_goes_on(smoke_run, tmp_path):
+    """Truncated, wrong-shape and NaN checkpoints: each gets a manifest row with its error; the rest go on."""
+    src, _ = smoke_run
+    root = tmp_path / "bad"
+    zoo = copy_zoo(src, root)
     state, arch = load_model_state(zoo["uri"][3])
     path = root / "zoo" / "m00003.safetensors"
     path.write_bytes(path.read_bytes()[:300])
@@ -113,11 +119,7 @@ def test_an_unusable_reference_fails_canon_naming_it_and_the_same_command_resume
     from dwf_ray.pipeline import StageFailed
     src, _ = smoke_run
     root = tmp_path / "ref"
-    shutil.copytree(src / "zoo", root / "zoo")
-    shutil.copy(src / "config.json", root / "config.json")
-    zoo = pd.read_parquet(root / "zoo" / "manifest.parquet")
-    zoo["uri"] = [str(root / "zoo" / f"{m}.safetensors") for m in zoo["model_id"]]
-    zoo.to_parquet(root / "zoo" / "manifest.parquet")
+    copy_zoo(src, root)
     reference = root / "zoo" / "m00000.safetensors"
     good = reference.read_bytes()
     reference.write_bytes(b"not a checkpoint")
