@@ -15,7 +15,8 @@ the time of each stage) and plots margin and accuracy against n.
 SOURCE is a run root whose zoo stage is complete; its config.json gives every setting the recipe does not. The
 zoo stage of a point writes the first n rows of SOURCE's manifest (model_id order), pointing at SOURCE's
 checkpoints: nothing is trained or copied. ``--reuse BASE`` links BASE/n<N>'s stage folders for the leading
-stages whose settings are unchanged (zoo, canon, pca, flow), so that a lever redoes only what it changes.
+stages whose settings are unchanged (zoo, canon, pca, flow), so that a lever redoes only what it changes (an n
+that BASE lacks runs every stage).
 Curves are saved in bench/results/zoo_scaling.json under ``--label`` (default: the recipe and the --set values).
 """
 from __future__ import annotations
@@ -134,10 +135,12 @@ def run_point(source: str, n: int, root: str, recipe: str, sets: list[str], reus
     cfg = RunConfig.model_validate(store.read_json(store.join(source, "config.json")))
     cfg = cfg.with_values({"zoo.n_models": n, **RECIPES[recipe](n)}).with_overrides(sets)
     pipe = Pipeline(f"{root}/n{n}", cfg, quiet=True)
-    if reuse:
-        base = f"{reuse}/n{n}"
+    base = f"{reuse}/n{n}" if reuse else None
+    if base and store.exists(store.join(base, "config.json")):
         linked = link_stages(pipe, base, store.read_json(store.join(base, "config.json")))
         print(f"n={n}: linked {linked} from {base}", flush=True)
+    elif base:
+        print(f"n={n}: {base} has no run; every stage runs", flush=True)
     pipe.run_stage("zoo", zoo_subset_stage(source, n))
     pipe.run(STAGE_NAMES[1:STAGE_NAMES.index(until) + 1])
     return root_point(pipe.store.root) if until == "eval" else None
@@ -262,7 +265,7 @@ def plot(curves: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 5))
     zoo = {}
     for label, curve in curves.items():
         ns = sorted(curve, key=int)
@@ -285,9 +288,9 @@ def plot(curves: dict, path: str) -> None:
     ax_a.set(xscale="log", xlabel="zoo models n", ylabel="mean test accuracy %", title="accuracy")
     for ax in (ax_m, ax_a):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))    # below: the points stay clear
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"plot: {path}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,10 +143,12 @@ def check_labels(labels, n: int) -> np.ndarray:
     return y
 
 
-def train_in_process(z: np.ndarray, cfg: FlowConfig, labels=None) -> tuple[FlowTrainer, dict]:
+def train_in_process(z: np.ndarray, cfg: FlowConfig, labels=None,
+                     on_eval: Callable[[int, float, FlowTrainer], None] | None = None) -> tuple[FlowTrainer, dict]:
     """The Ray Train run's training and checkpoint choice in one process, without checkpoints (benchmarks,
-    tests): ``z`` are standardised latents. Returns the trainer with the EMA weights of the best selectable
-    held-out loss loaded into ``trainer.ema``, and (best_step, best_heldout_loss, seconds)."""
+    tests): ``z`` are standardised latents. ``on_eval(step, heldout_loss, trainer)`` sees every selectable
+    checkpoint (benchmarks that score them otherwise). Returns the trainer with the EMA weights of the best
+    selectable held-out loss loaded into ``trainer.ema``, and (best_step, best_heldout_loss, seconds)."""
     t0 = time.perf_counter()
     train, hold = holdout_indices(len(z), cfg.holdout_fraction, cfg.seed)
     u = torch.as_tensor(np.asarray(z), dtype=torch.float32)
@@ -159,6 +162,8 @@ def train_in_process(z: np.ndarray, cfg: FlowConfig, labels=None) -> tuple[FlowT
         trainer.step(u[idx], g, None if y is None else y[idx])
         if is_eval_step(cfg, step + 1) and selectable(cfg, step + 1):
             loss = trainer.heldout(u[hold], None if y is None else y[hold])
+            if on_eval is not None:
+                on_eval(step + 1, loss, trainer)
             if loss < math.inf and choice.offer({"step": step + 1, "selection_loss": loss}):   # never NaN
                 best_state = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
     if best_state is None:
