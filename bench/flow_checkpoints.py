@@ -57,10 +57,7 @@ def evaluate_checkpoint(run_root: str, out: str, state: dict, scaler, dim: int) 
     from dwf_ray.pipeline import Pipeline
     base_cfg = store.read_json(store.join(run_root, "config.json"))
     pipe = Pipeline(os.path.join(out, f"step{state['step']}"), RunConfig.model_validate(base_cfg), quiet=True)
-    link_stages(pipe, run_root, base_cfg)           # zoo, canon, pca (and the run's own flow, replaced below)
-    flow_dir = pipe.store.uri("flow")
-    if os.path.islink(flow_dir):
-        os.unlink(flow_dir)
+    link_stages(pipe, run_root, base_cfg, before="flow")     # zoo, canon, pca
 
     def write_flow(cfg, run_store) -> dict:
         info = {"step": state["step"], "heldout_loss": state["heldout_loss"]}

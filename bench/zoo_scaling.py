@@ -111,11 +111,13 @@ def zoo_subset_stage(source_root: str, n: int):
     return run
 
 
-def link_stages(pipe, base_root: str, base_cfg: dict) -> list[str]:
-    """Symlink base_root's complete stage folders that this run shares (local roots)."""
+def link_stages(pipe, base_root: str, base_cfg: dict, before: str | None = None) -> list[str]:
+    """Symlink base_root's complete stage folders that this run shares (local roots), only those before the stage
+    ``before`` when it is given."""
     from dwf_ray import store
     linked = []
-    for stage in shared_stages(pipe.cfg.model_dump(), base_cfg):
+    shared = shared_stages(pipe.cfg.model_dump(), base_cfg)
+    for stage in shared[:SHAREABLE.index(before)] if before else shared:
         folder = store.STAGE_FOLDERS[stage]
         src, dst = os.path.join(base_root, folder), pipe.store.uri(folder)
         if not os.path.exists(os.path.join(src, "_SUCCESS")):
@@ -262,9 +264,8 @@ def print_curve(label: str, curve: dict) -> None:
 
 
 def plot(curves: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dwf_ray.eval.report import pyplot
+    plt = pyplot()
     fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 5))
     zoo = {}
     for label, curve in curves.items():
@@ -295,9 +296,8 @@ def plot(curves: dict, path: str) -> None:
 
 
 def plot_ceiling(ceilings: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dwf_ray.eval.report import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for n in sorted(ceilings, key=int):
         rows = sorted((r for r in ceilings[n] if r["components"]), key=lambda r: r["components"])

@@ -116,9 +116,17 @@ def test_a_report_places_its_run_on_the_curve_measured_for_its_preset(smoke_run,
     assert (tmp_path / "placed" / "zoo_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_shipped_curve_is_the_scale_presets_own():
-    from dwf_ray.eval.zoo_curve import measured_curve
-    curve = measured_curve("mnist1d-mlp-scale")
-    sizes = [p["n"] for p in curve["points"]]
-    assert sizes == sorted(sizes) and 1000 in sizes and 10000 in sizes
-    assert all(-100 < p["margin"] < 100 and p["margin_se"] > 0 for p in curve["points"])
+def test_the_shipped_curves_are_presets_own_and_well_formed():
+    """Every curve shipped in zoo_curves.json belongs to a preset, as written: points in order of n, one per n,
+    every field a report reads; the scale preset's spans 1,000 to 10,000 models."""
+    import json
+    from dwf_ray.eval.zoo_curve import CURVES, FIELDS
+    shipped = json.loads(CURVES.read_text())
+    assert {"mnist1d-mlp-scale", "mnist1d-cnn", "digits-mlp"} <= set(shipped)
+    for name, curve in shipped.items():
+        preset(name)                                          # a preset of that name exists
+        sizes = [p["n"] for p in curve["points"]]
+        assert sizes == sorted(set(sizes)) and sizes, name
+        for p in curve["points"]:
+            assert set(p) == set(FIELDS) and p["margin_se"] > 0 and -100 < p["margin"] < 100, (name, p)
+    assert {1000, 10000} <= {p["n"] for p in shipped["mnist1d-mlp-scale"]["points"]}
