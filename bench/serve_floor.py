@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from serve_load import cpu_seconds, free_port, log, offline_cpu_per_model, service_pids
+from serve_load import cpu_during, free_port, http_load, log, offline_cpu_per_model, service_pids
 
 RESULTS = Path(__file__).parent / "results" / "serve_floor.json"
 GRPC_SERVICER = "ray.serve.generated.serve_pb2_grpc.add_UserDefinedServiceServicer_to_server"
@@ -84,20 +84,13 @@ def answer_bytes(root: str) -> int:
     return len(header) + 4 * layout.size
 
 
-async def http_load(url: str, clients: int, seconds: float) -> int:
-    import aiohttp
-    done, deadline = 0, time.perf_counter() + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
-                                     timeout=aiohttp.ClientTimeout(total=60.0)) as http:
-        async def worker():
-            nonlocal done
-            while time.perf_counter() < deadline:
-                async with http.post(url, json={"n": 1}) as r:
-                    r.raise_for_status()
-                    await r.read()
-                done += 1
-        await asyncio.gather(*(worker() for _ in range(clients)))
-    return done
+def http_requests(url: str, clients: int, seconds: float) -> int:
+    """Requests answered in ``seconds`` by ``clients`` back-to-back clients of ``url`` (serve_load's load, n = 1);
+    any failed request is an error."""
+    res = asyncio.run(http_load(url, clients, 1, 1 << 62, seconds, {}))
+    if res["errors"]:
+        raise RuntimeError(f"{url}: {res['errors']} of {res['requests']} requests failed: {res['codes']}")
+    return res["ok"]
 
 
 async def grpc_load(target: str, app: str, clients: int, seconds: float) -> int:
@@ -117,17 +110,17 @@ async def grpc_load(target: str, app: str, clients: int, seconds: float) -> int:
     return done
 
 
-def measured(app: str, load) -> dict:
-    """Requests/s and proxy, replica CPU ms per request of one load run against ``app``."""
-    pids = service_pids(app)
-    before = {role: cpu_seconds(p) for role, p in pids.items()}
+def measured(app: str, count_requests) -> dict:
+    """Requests/s and proxy, replica CPU ms per request of one load run against ``app`` (``count_requests()``
+    runs it and returns the requests answered)."""
     t0 = time.perf_counter()
-    requests = asyncio.run(load())
+    requests, cpu = cpu_during(service_pids(app), count_requests)
     wall = time.perf_counter() - t0
-    cpu = {role: (cpu_seconds(p) - before[role]) / max(1, requests) for role, p in pids.items()}
+    per_request = {role: 1000 * seconds / max(1, requests) for role, seconds in cpu.items()}
     return {"app": app, "requests": requests, "requests_per_s": requests / wall,
-            "proxy_cpu_ms": 1000 * cpu["proxy"], "replica_cpu_ms": 1000 * cpu["replica"],
-            "service_cpu_ms": 1000 * (cpu["proxy"] + cpu["replica"])}
+            "proxy_cpu_ms": per_request["proxy"], "replica_cpu_ms": per_request["replica"],
+            "service_cpu_ms": per_request["proxy"] + per_request["replica"],
+            "load_generator_cpu_ms": per_request["load_generator"]}
 
 
 def main() -> None:
@@ -157,11 +150,10 @@ def main() -> None:
         serve.run(app, name=name, route_prefix=f"/{name}")
         if name == "noop-grpc":
             asyncio.run(grpc_load(grpc_target, name, 4, 2))                              # warm-up
-            rows.append(measured(name, lambda: grpc_load(grpc_target, name, args.clients, args.seconds)))
-        else:
-            url = f"{base}/{name}" + ("/v1/sample" if name.startswith("noop-fastapi") else "")
-            asyncio.run(http_load(url, 4, 2))
-            rows.append(measured(name, lambda: http_load(url, args.clients, args.seconds)))
+            rows.append(measured(name, lambda: asyncio.run(grpc_load(grpc_target, name, args.clients, args.seconds))))
+        else:   # serve_load's requests go to <url>/v1/sample: the FastAPI apps' route; the plain handlers take any path
+            http_requests(f"{base}/{name}", 4, 2)
+            rows.append(measured(name, lambda: http_requests(f"{base}/{name}", args.clients, args.seconds)))
         serve.delete(name)
     print(f"\n| application that does not sample ({args.clients} clients) | requests/s | proxy CPU ms/request | replica CPU "
           "ms/request | service CPU ms/request | floor / offline per model at n = 1 | at n = 16 |")

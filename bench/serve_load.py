@@ -163,6 +163,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def cpu_during(pids: dict[str, list[int]], run) -> tuple:
+    """(what ``run()`` returns, {role: CPU seconds its processes spent meanwhile}) for the roles of ``pids`` and
+    this process, the load generator (``load_generator``)."""
+    pids = pids | {"load_generator": [os.getpid()]}
+    before = {role: cpu_seconds(p) for role, p in pids.items()}
+    out = run()
+    return out, {role: cpu_seconds(p) - before[role] for role, p in pids.items()}
+
+
 def offline_cpu_per_model(root: str, n: int, threads: int, solver: str | None, steps: int | None,
                           reps: int = 5) -> dict:
     """CPU seconds per model of the run's Generator in this process (source, ODE solve and decode of ``n``
@@ -186,7 +195,7 @@ def offline_cpu_per_model(root: str, n: int, threads: int, solver: str | None, s
             "cpu_s_per_model": float(np.median(cpus)) / n}
 
 
-async def _load(url: str, clients: int, n: int, requests: int, max_seconds: float, body_extra: dict) -> dict:
+async def http_load(url: str, clients: int, n: int, requests: int, max_seconds: float, body_extra: dict) -> dict:
     """``clients`` workers posting ``n``-model requests back to back (aiohttp: about 0.3 ms of CPU per request
     here, against 2.5 to 5 ms for httpx, which took that CPU from the service it measured)."""
     import aiohttp
@@ -250,7 +259,7 @@ def serve_load(root: str, args) -> tuple[dict, str]:
     extra = {k: v for k, v in {"solver": args.solver, "steps": args.steps}.items() if v is not None}
     out = {"apps": {k: v.model_dump() for k, v in apps.items()}, "request_extra": extra, "runs": []}
     for name in apps:
-        asyncio.run(_load(f"{base}/{name}", 8, 1, 40, 30, extra))   # warm-up
+        asyncio.run(http_load(f"{base}/{name}", 8, 1, 40, 30, extra))   # warm-up
     offline = offline_cpu_per_model(root, 100, args.replica_threads, args.solver, args.steps)
     out["offline_cpu"] = offline
     log(f"offline sampler: {1000 * offline['cpu_s_per_model']:.3f} ms CPU per model "
@@ -260,12 +269,9 @@ def serve_load(root: str, args) -> tuple[dict, str]:
         for n in args.n:
             for name in ("unbatched", "batched"):
                 load_before = os.getloadavg()[0]
-                cpu_before = {role: cpu_seconds(p) for role, p in pids[name].items()}
-                cpu_before["load_generator"] = cpu_seconds([os.getpid()])
-                res = asyncio.run(_load(f"{base}/{name}", clients, n, args.requests, args.max_seconds, extra))
+                res, cpu = cpu_during(pids[name], lambda: asyncio.run(
+                    http_load(f"{base}/{name}", clients, n, args.requests, args.max_seconds, extra)))
                 models = max(1, res["ok"] * n)
-                cpu = {role: cpu_seconds(p) - cpu_before[role] for role, p in pids[name].items()}
-                cpu["load_generator"] = cpu_seconds([os.getpid()]) - cpu_before["load_generator"]
                 res |= {"app": name, "loadavg_1min_before": load_before,
                         "cpu_s_per_model": {role: c / models for role, c in cpu.items()}}
                 service = res["cpu_s_per_model"]["proxy"] + res["cpu_s_per_model"]["replica"]
